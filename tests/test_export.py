@@ -1,0 +1,111 @@
+"""Particle export round trips: RELION 3/4 + Warp STAR, RELION 5 STAR, CSV (Å), copick JSON."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cryosiam_nb import export
+from cryosiam_nb.io import InputError
+
+
+@pytest.fixture
+def table(rng):
+    n = 7
+    return pd.DataFrame(
+        {
+            "z": rng.uniform(0, 50, n),
+            "y": rng.uniform(0, 200, n),
+            "x": rng.uniform(0, 300, n),
+            "tomogram": ["TS_01"] * 4 + ["TS_02"] * 3,
+            "cluster": ["a", "b", "a", "c", "b", "b", "a"],
+            "score": rng.uniform(0, 1, n),
+        }
+    )
+
+
+def test_relion4_star_roundtrip_xyz_order(tmp_path, table):
+    p = export.write_star_relion4(table, tmp_path / "p.star", voxel_size=6.8)
+    back = export.read_star(p)
+    np.testing.assert_allclose(back[["z", "y", "x"]].to_numpy(), table[["z", "y", "x"]])
+    assert list(back["tomogram"]) == list(table["tomogram"])
+    assert list(back["cluster"]) == list(table["cluster"])
+    text = p.read_text()
+    # STAR is written x, y, z: the X column precedes Y and Z
+    assert (
+        text.index("_rlnCoordinateX")
+        < text.index("_rlnCoordinateY")
+        < text.index("_rlnCoordinateZ")
+    )
+    assert "_rlnImagePixelSize" in text and "_rlnMicrographName" in text
+
+
+def test_relion5_star_centred_angstrom(tmp_path, table):
+    shape = (50, 200, 300)
+    p = export.write_star_relion5(table, tmp_path / "p5.star", voxel_size=10.0, shape=shape)
+    back = export.read_star(p)
+    np.testing.assert_allclose(back["x_A"], (table["x"] - 150) * 10.0)
+    np.testing.assert_allclose(back["z_A"], (table["z"] - 25) * 10.0)
+    # a particle at the exact centre sits at 0 Å
+    centre = pd.DataFrame({"z": [25.0], "y": [100.0], "x": [150.0], "tomogram": ["t"]})
+    p2 = export.write_star_relion5(centre, tmp_path / "c.star", voxel_size=7.0, shape=shape)
+    np.testing.assert_allclose(export.read_star(p2)[["z_A", "y_A", "x_A"]].to_numpy(), 0.0)
+
+
+def test_csv_in_angstrom_with_header(tmp_path, table):
+    p = export.write_csv(table, tmp_path / "p.csv", voxel_size=6.8)
+    head = p.read_text().splitlines()[:5]
+    assert any("angstrom" in h for h in head) and any("(z, y, x)" in h for h in head)
+    back, vs = export.read_csv(p)
+    assert vs == 6.8
+    np.testing.assert_allclose(back["x_A"], table["x"] * 6.8)
+    np.testing.assert_allclose(back[["z", "y", "x"]].to_numpy(), table[["z", "y", "x"]])
+
+
+def test_copick_json_per_run(tmp_path, table):
+    paths = export.write_copick(table, tmp_path / "overlay", voxel_size=6.8, object_name="ribo")
+    assert len(paths) == 2
+    got = pd.concat([export.read_copick(p) for p in paths], ignore_index=True)
+    np.testing.assert_allclose(
+        got.sort_values(["tomogram", "x"])[["z", "y", "x"]].to_numpy(),
+        table.sort_values(["tomogram", "x"])[["z", "y", "x"]].to_numpy(),
+    )
+    doc = json.loads(paths[0].read_text())
+    assert doc["unit"] == "angstrom" and doc["pickable_object_name"] == "ribo"
+    assert paths[0].parts[-4:-1] == ("ExperimentRuns", "TS_01", "Picks")
+    loc = doc["points"][0]["location"]
+    first = table[table.tomogram == "TS_01"].iloc[0]
+    assert loc["x"] == pytest.approx(first["x"] * 6.8)
+
+
+def test_copick_one_object_per_cluster(tmp_path, table):
+    paths = export.write_copick(table, tmp_path / "o", voxel_size=5.0, object_name="cluster")
+    names = sorted(p.name for p in paths)
+    assert "cryosiam_nb_0_cluster-a.json" in names
+    total = sum(len(json.loads(p.read_text())["points"]) for p in paths)
+    assert total == len(table)
+
+
+@pytest.mark.parametrize(
+    "writer",
+    [
+        lambda df, p: export.write_star_relion4(df, p / "e.star", 5.0),
+        lambda df, p: export.write_star_relion5(df, p / "e.star", 5.0, (10, 10, 10)),
+        lambda df, p: export.write_csv(df, p / "e.csv", 5.0),
+        lambda df, p: export.write_copick(df, p / "cp", 5.0),
+    ],
+)
+def test_empty_selection_is_a_clear_error(tmp_path, table, writer):
+    with pytest.raises(InputError, match="empty"):
+        writer(table.iloc[:0], tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_columns_and_bad_voxel_size(tmp_path, table):
+    with pytest.raises(InputError, match=r"centre columns \['z'\]"):
+        export.write_csv(table.drop(columns="z"), tmp_path / "x.csv", 5.0)
+    with pytest.raises(InputError, match="voxel_size"):
+        export.write_star_relion4(table, tmp_path / "x.star", 0.0)

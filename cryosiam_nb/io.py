@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import shutil
 import uuid
@@ -217,7 +218,15 @@ class MrcVolume:
         return self._mm
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        return np.array(self._memmap()[key])
+        mm = self._memmap()
+        out = np.array(mm[key])
+        # Pages of a file mapping count towards the process's RSS while mapped; drop them
+        # (they stay in the OS page cache) so streaming a huge tomogram keeps RSS flat.
+        raw = getattr(mm, "_mmap", None)
+        if raw is not None and hasattr(mmap, "MADV_DONTNEED"):
+            with contextlib.suppress(OSError, ValueError):
+                raw.madvise(mmap.MADV_DONTNEED)
+        return out
 
 
 def _open_mrc(p: Path) -> tuple[Any, float | None]:

@@ -23,14 +23,14 @@ import datetime as _dt
 import io as _io
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Iterable, Iterator, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from cryosiam_nb.io import InputError, atomic_path
 
 __all__ = ["Particles", "AlignedArrays", "concat", "spectral_split", "estimate_n_clusters"]
 
@@ -40,12 +40,7 @@ REQUIRED_COLUMNS = ("tomogram", "z", "y", "x", "voxel_size")
 _CURATION_COLUMNS = ("cluster", "excluded", "note")
 
 
-def _input_error(msg: str) -> Exception:
-    """Build the project's InputError (a ValueError) when io.py exists, else a ValueError."""
-    try:
-        from cryosiam_nb.io import InputError  # noqa: PLC0415
-    except Exception:  # pragma: no cover - io.py not yet available
-        return ValueError(msg)
+def _input_error(msg: str) -> InputError:
     return InputError(msg)
 
 
@@ -655,9 +650,7 @@ class Particles:
         if path.exists() and not (path.is_dir() and (path / "zarr.json").exists()):
             raise _input_error(f"{path}: exists and is not a zarr store; refusing to overwrite")
         _check_json(self.uns, "uns")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-        try:
+        with atomic_path(path) as tmp:
             g = zarr.open_group(str(tmp), mode="w")
             buf = _io.BytesIO()
             self.obs.to_parquet(buf, engine="pyarrow", index=True)
@@ -683,16 +676,6 @@ class Particles:
                     "uns": self.uns,
                 }
             )
-            if path.exists():
-                old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         # Lazy arrays read from a store we just replaced must now point at the new one.
         if self._source is not None and self._source == path.resolve():
             g = zarr.open_group(str(path), mode="r")

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from pandas.testing import assert_frame_equal
 
+from cryosiam_nb.io import InputError
 from cryosiam_nb.particles import Particles, concat, estimate_n_clusters, spectral_split
 
 
@@ -60,7 +61,7 @@ def test_from_table_builds_unique_string_ids_and_required_columns():
 
 
 def test_from_table_errors_name_the_problem():
-    with pytest.raises(ValueError, match="voxel_size"):
+    with pytest.raises(InputError, match="voxel_size"):
         Particles.from_table(_table(5))
     with pytest.raises(ValueError, match="tomogram"):
         Particles.from_table(_table(5).drop(columns="tomogram"), voxel_size=10)

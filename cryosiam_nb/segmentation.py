@@ -54,7 +54,7 @@ DISTANCE_SCALE = 5.0
 
 #: Size categories of SPEC §5 (instance volume in voxels): (name, lower bound inclusive).
 SIZE_CATEGORIES: tuple[tuple[str, int], ...] = (
-    ("very big", 6001),
+    ("very big", 6000),
     ("big", 2000),
     ("medium", 900),
     ("small", 150),
@@ -96,7 +96,8 @@ def _wrap(arr: Any, like: Any, name: str, attrs: dict[str, Any]) -> xr.DataArray
 def size_category(n_voxels: Any) -> Any:
     """SPEC §5 size category of an instance volume in voxels.
 
-    very big > 6000, big 2000–6000, medium 900–2000, small 150–900, tiny < 150.
+    very big ≥ 6000, big 2000–6000, medium 900–2000, small 150–900, tiny < 150 (lower
+    bounds inclusive, as in ``cryosiam_nb.sim``).
     Accepts a scalar or an array; returns a str or an object array of str.
     """
     n = np.asarray(n_voxels)

@@ -62,6 +62,11 @@ SIZE_CATEGORIES: tuple[tuple[str, int], ...] = (
 )
 
 
+# The class order of the DEVELOPING.md contract (``cryosiam_nb.sim.SEMANTIC_CLASSES``),
+# used when the simulator package is not importable.
+_SEMANTIC_CLASSES = ("background", "membrane", "microtubule", "particle", "actin", "dna")
+
+
 # ============================================================================ helpers
 def _as_array(x: Any, name: str) -> Any:
     """numpy or dask array (z, y, x) from numpy / dask / xarray input."""
@@ -726,7 +731,7 @@ def particles(
 
             class_names = SEMANTIC_CLASSES
         except ImportError:
-            class_names = None
+            class_names = _SEMANTIC_CLASSES
     if isinstance(lab, da.Array):
         if sem is not None:
             sem = sem.rechunk(lab.chunks) if isinstance(sem, da.Array) else da.from_array(sem)

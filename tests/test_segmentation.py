@@ -1,0 +1,307 @@
+"""Tests for cryosiam_nb.segmentation: instances, particle table, subtomograms, GT maps."""
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+from scipy import ndimage as ndi
+from skimage.morphology import ball
+
+from cryosiam_nb import metrics, segmentation
+from cryosiam_nb.io import InputError
+
+DIMS = ("z", "y", "x")
+
+
+def _maps(fg, boundary, distance, voxel_size=10.0):
+    return xr.Dataset(
+        {
+            "foreground": (DIMS, np.asarray(fg, np.float32)),
+            "boundary": (DIMS, np.asarray(boundary, np.float32)),
+            "distance": (DIMS, np.asarray(distance, np.float32)),
+        },
+        attrs={"voxel_size": voxel_size},
+    )
+
+
+def _paste(vol, centre, obj, value):
+    r = obj.shape[0] // 2
+    sl = tuple(slice(c - r, c + r + 1) for c in centre)
+    vol[sl][obj] = value
+
+
+@pytest.fixture(scope="module")
+def crowded():
+    lab = segmentation.synthetic_instances((48, 64, 64), density=0.35, radius=(4, 7), seed=3)
+    gt = xr.DataArray(lab, dims=DIMS, attrs={"voxel_size": 10.0})
+    return lab, segmentation.maps_from_labels(gt)
+
+
+# ----------------------------------------------------------------------- maps_from_labels
+def test_maps_from_labels_targets():
+    lab = np.zeros((20, 20, 30), np.uint32)
+    lab[5:15, 5:15, 5:15] = 1
+    lab[5:15, 5:15, 15:25] = 2  # touches 1 along the plane x = 14|15
+    m = segmentation.maps_from_labels(lab)
+    assert set(m.data_vars) == {"foreground", "boundary", "distance"}
+    np.testing.assert_array_equal(m.foreground.values, (lab > 0).astype(np.float32))
+    d = m.distance.values
+    assert d.min() == 0 and d.max() == 1.0  # clipped at 5 voxels, /5
+    assert (d[lab == 0] == 0).all()
+    # 1 voxel from the contact plane → 1/5; the distance separates the touching cubes
+    assert d[10, 10, 14] == pytest.approx(0.2) and d[10, 10, 15] == pytest.approx(0.2)
+    assert d[10, 10, 10] == pytest.approx(1.0)
+    b = m.boundary.values
+    assert b[10, 10, 13:17].min() == 1.0  # thick contact boundary grown by 1 voxel
+    assert b[10, 10, 10] == 0.0 and b[0, 0, 0] == 0.0
+    # lazy dask input gives the same maps
+    lazy = segmentation.maps_from_labels(
+        xr.DataArray(da.from_array(lab, chunks=(10, 10, 10)), dims=DIMS, attrs={"voxel_size": 7})
+    )
+    assert isinstance(lazy.distance.data, da.Array) and lazy.attrs["voxel_size"] == 7
+    np.testing.assert_allclose(lazy.distance.values, d)
+    np.testing.assert_array_equal(lazy.boundary.values, b)
+
+
+# ----------------------------------------------------------------------- instances
+def test_gt_maps_give_high_ap(crowded):
+    lab, maps = crowded
+    inst = segmentation.instances(maps, boundary_bias=0.3, progress=False)
+    assert inst.dtype == np.uint32 and inst.dims == DIMS
+    assert inst.attrs["voxel_size"] == 10.0
+    ids = np.unique(inst.values)
+    np.testing.assert_array_equal(ids, np.arange(ids.size))  # sequential ids
+    ap = metrics.average_precision(inst.values, lab)
+    assert ap["AP50"] >= 0.9, ap
+    assert ap["AP80"] >= 0.8, ap
+
+
+def test_gt_maps_from_simulator_give_high_ap():
+    sim = pytest.importorskip("cryosiam_nb.sim")
+    if not hasattr(sim, "simulate"):
+        pytest.skip("cryosiam_nb.sim.simulate not available yet")
+    vols = sim.simulate((64, 96, 96), mode="fast", seed=1).volumes
+    gt = vols["instances"].values
+    maps = segmentation.maps_from_labels(vols["instances"])
+    inst = segmentation.instances(maps, boundary_bias=0.3, min_size=1, progress=False)
+    ap = metrics.average_precision(inst.values, gt)
+    assert ap["AP50"] >= 0.9, ap
+
+
+def test_multicut_merges_inner_faces_and_respects_boundaries():
+    # a dumbbell: two balls joined by a thick neck; the distance has two maxima → two seeds
+    lab = np.zeros((24, 24, 44), np.uint32)
+    _paste(lab, (12, 12, 11), ball(8).astype(bool), 1)
+    _paste(lab, (12, 12, 32), ball(8).astype(bool), 1)
+    lab[8:17, 8:17, 11:33] = 1
+    m = segmentation.maps_from_labels(lab)
+    fg, dist = m.foreground.values, m.distance.values
+    dist = np.clip(ndi.distance_transform_edt(lab > 0) / 10.0, 0, 1)  # maxima in the balls
+    no_boundary = np.zeros_like(fg)
+    ws = segmentation.instances(_maps(fg, no_boundary, dist), multicut=False, progress=False)
+    assert ws.values.max() == 2  # watershed alone over-segments
+    mc = segmentation.instances(_maps(fg, no_boundary, dist), multicut=True, progress=False)
+    assert mc.values.max() == 1  # no boundary evidence between the fragments → merged
+    assert ((mc.values > 0) == (lab > 0)).all()  # background stays background
+    wall = no_boundary.copy()
+    wall[:, :, 20:24] = 1.0  # a boundary across the neck → stays split
+    mc = segmentation.instances(_maps(fg, wall, dist), multicut=True, progress=False)
+    assert mc.values.max() == 2
+    # boundary probability 1 everywhere (incl. the faces to the background) must not merge
+    # separate particles through the background: background is no graph node
+    two = np.zeros((16, 16, 40), np.uint32)
+    _paste(two, (8, 8, 8), ball(5).astype(bool), 1)
+    _paste(two, (8, 8, 30), ball(5).astype(bool), 2)
+    tm = segmentation.maps_from_labels(two)
+    tm["boundary"][:] = 1.0
+    out = segmentation.instances(tm, progress=False).values
+    assert out.max() == 2 and (out[two == 0] == 0).all()
+
+
+def test_size_touching_and_mask_filters():
+    lab = np.zeros((24, 24, 60), np.uint32)
+    _paste(lab, (12, 12, 6), ball(2).astype(bool), 1)  # 33 voxels
+    _paste(lab, (12, 12, 20), ball(5).astype(bool), 2)  # 515 voxels
+    _paste(lab, (12, 12, 42), ball(8).astype(bool), 3)  # 2109 voxels
+    maps = segmentation.maps_from_labels(lab)
+    sizes = np.bincount(lab.ravel())[1:]
+    out = segmentation.instances(maps, min_center_distance=0.5, progress=False).values
+    assert out.max() == 3
+    out = segmentation.instances(maps, min_size=100, max_size=1000, progress=False).values
+    assert out.max() == 1 and (out > 0).sum() == sizes[1]
+    # keep only instances touching semantic class 1 (a "membrane" slab next to particle 3)
+    sem = np.zeros_like(lab, dtype=np.uint8)
+    sem[:, :, 51:53] = 1
+    out = segmentation.instances(maps, touching=(sem, 1), progress=False).values
+    assert out.max() == 1 and ((out > 0) == (lab == 3)).all()
+    # a mask excludes the foreground outside it
+    mask = np.ones(lab.shape, bool)
+    mask[:, :, 30:] = False
+    out = segmentation.instances(maps, mask=mask, min_center_distance=0.5, progress=False)
+    assert out.values.max() == 2 and (out.values[:, :, 30:] == 0).all()
+    with pytest.raises(InputError, match="missing"):
+        segmentation.instances(maps.drop_vars("boundary"))
+    with pytest.raises(InputError, match="boundary_bias"):
+        segmentation.instances(maps, boundary_bias=1.5)
+    with pytest.raises(InputError, match="mask"):
+        segmentation.instances(maps, mask=mask[:-1])
+
+
+def test_blockwise_equals_whole_volume(crowded, tmp_path):
+    lab, maps = crowded
+    whole = segmentation.instances(maps, boundary_bias=0.3, progress=False).values
+    lazy = maps.chunk({"z": 16, "y": 16, "x": 16})
+    # 48×64×64 in 24×32×32 blocks → 2×2×2 = 8 blocks; labels written to a zarr store
+    blk = segmentation.instances(
+        lazy,
+        boundary_bias=0.3,
+        block_shape=(24, 32, 32),
+        halo=12,
+        out=tmp_path / "inst.zarr",
+        progress=False,
+    )
+    assert isinstance(blk.data, da.Array) and (tmp_path / "inst.zarr").exists()
+    blk = blk.values
+    ids = np.unique(blk)
+    np.testing.assert_array_equal(ids, np.arange(ids.size))
+    # same particles: every instance matched one to one at IoU > 0.9 (ids may differ)
+    ap = metrics.average_precision(blk, whole, thresholds=[0.9])
+    assert ap["n_pred"] == ap["n_gt"]
+    assert ap["AP90"] >= 0.95, ap
+    # instances cut by block faces were re-joined: some whole-volume instances cross faces
+    crossing = sum(
+        1
+        for sl in ndi.find_objects(whole)
+        if sl is not None and (sl[0].start < 24 < sl[0].stop or sl[1].start < 32 < sl[1].stop)
+    )
+    assert crossing > 10
+
+
+# ----------------------------------------------------------------------- particle table
+def test_particle_table_columns_and_values():
+    lab = np.zeros((20, 30, 40), np.uint32)
+    lab[2:6, 3:8, 4:10] = 5  # 4*5*6 = 120 voxels: tiny
+    lab[10:19, 10:25, 10:30] = 9  # 9*15*20 = 2700: big
+    sem = np.zeros(lab.shape, np.uint8)
+    sem[lab == 5] = 3
+    sem[10:19, 10:25, 10:15] = 1  # minority of particle 9
+    sem[10:19, 10:25, 15:30] = 4
+    inst = xr.DataArray(lab, dims=DIMS, attrs={"voxel_size": 8.0})
+    df = segmentation.particles(inst, tomogram="tomo_a", semantic=sem, progress=False)
+    assert list(df.columns) == [
+        "particle_id",
+        "tomogram",
+        "z",
+        "y",
+        "x",
+        "z_A",
+        "y_A",
+        "x_A",
+        "n_voxels",
+        "bbox_z0",
+        "bbox_y0",
+        "bbox_x0",
+        "bbox_z1",
+        "bbox_y1",
+        "bbox_x1",
+        "size_category",
+        "semantic_class",
+    ]
+    a, b = df.iloc[0], df.iloc[1]
+    assert a.particle_id == 5 and b.particle_id == 9 and (df.tomogram == "tomo_a").all()
+    assert (a.z, a.y, a.x) == (3.5, 5.0, 6.5)
+    assert (a.z_A, a.y_A, a.x_A) == (28.0, 40.0, 52.0)
+    assert a.n_voxels == 120 and b.n_voxels == 2700
+    assert (b.bbox_z0, b.bbox_y0, b.bbox_x0, b.bbox_z1, b.bbox_y1, b.bbox_x1) == (
+        10,
+        10,
+        10,
+        19,
+        25,
+        30,
+    )
+    assert (a.size_category, b.size_category) == ("tiny", "big")
+    assert segmentation.size_category([149, 150, 899, 900, 1999, 2000, 6000, 6001]).tolist() == [
+        "tiny",
+        "small",
+        "small",
+        "medium",
+        "medium",
+        "big",
+        "very big",
+        "very big",
+    ]
+    assert (a.semantic_class, b.semantic_class) == ("particle", "actin")
+    # chunk-wise (dask) computation gives the same table
+    lazy = xr.DataArray(da.from_array(lab, chunks=(7, 11, 13)), dims=DIMS, attrs=inst.attrs)
+    df2 = segmentation.particles(lazy, tomogram="tomo_a", semantic=sem, progress=False)
+    pd.testing.assert_frame_equal(df, df2, check_dtype=False)
+    empty = segmentation.particles(np.zeros((4, 4, 4), np.uint32), progress=False)
+    assert len(empty) == 0 and "particle_id" in empty.columns
+    with pytest.raises(InputError):
+        segmentation.particles(lab.astype(np.float32))
+
+
+# ----------------------------------------------------------------------- subtomograms
+def test_subtomograms_are_centred_and_padded_at_borders():
+    rng = np.random.default_rng(0)
+    vol = rng.random((30, 40, 50)).astype(np.float32) + 1.0  # > 0 everywhere
+    table = pd.DataFrame(
+        {"particle_id": [1, 2], "z": [15.0, 1.2], "y": [20.0, 38.6], "x": [25.0, 0.4]}
+    )
+    box = 16
+    subs = segmentation.extract_subtomograms(vol, table, box=box, progress=False)
+    assert subs.shape == (2, box, box, box) and subs.dtype == np.float32
+    np.testing.assert_array_equal(subs[0], vol[7:23, 12:28, 17:33])
+    # near the corner: centre voxel (1, 39, 0) lands at box//2, outside is zero-padded
+    c = box // 2
+    assert subs[1, c, c, c] == vol[1, 39, 0]
+    np.testing.assert_array_equal(subs[1, c - 1 :, : c + 1, c:], vol[:9, 31:, :8])
+    assert (subs[1, : c - 1] == 0).all() and (subs[1, :, c + 1 :] == 0).all()
+    assert (subs[1, :, :, :c] == 0).all()
+    # dask-backed tomogram: same crops
+    lazy = xr.DataArray(da.from_array(vol, chunks=(10, 10, 10)), dims=DIMS)
+    np.testing.assert_array_equal(
+        segmentation.extract_subtomograms(lazy, table, box=box, progress=False), subs
+    )
+    with pytest.raises(InputError, match="mask"):
+        segmentation.extract_subtomograms(vol, table, mask="bogus")
+    with pytest.raises(InputError, match="instances"):
+        segmentation.extract_subtomograms(vol, table, mask="strict")
+
+
+def test_subtomogram_masks():
+    vol = np.ones((32, 32, 32), np.float32)
+    lab = np.zeros(vol.shape, np.uint32)
+    # particle 1: a "C" shape (a ring missing a quarter) in the plane z = 14..17
+    zz, yy, xx = np.indices(vol.shape)
+    r = np.hypot(yy - 16, xx - 16)
+    ring = (r >= 4) & (r <= 7) & (zz >= 14) & (zz <= 17) & ~((yy > 16) & (xx > 16))
+    lab[ring] = 1
+    lab[14:18, 24:27, 24:27] = 2  # particle 2 sits next to it
+    table = segmentation.particles(lab, progress=False)
+    box = 24
+    none = segmentation.extract_subtomograms(vol, table, lab, box=box, progress=False)
+    assert (none[0] == 1).all()
+    strict = segmentation.extract_subtomograms(
+        vol, table, lab, box=box, mask="strict", grow=2, progress=False
+    )
+    # strict: own voxels + 2-voxel shell, other particles' voxels and far voxels zeroed
+    c0 = np.floor(table.loc[0, ["z", "y", "x"]].to_numpy(float) + 0.5).astype(int) - box // 2
+    sl = tuple(slice(a, a + box) for a in c0)
+    own = lab[sl] == 1
+    other = (lab[sl] > 0) & ~own
+    grown = ndi.binary_dilation(own, structure=ball(2))
+    np.testing.assert_array_equal(strict[0] > 0, grown & ~other)
+    assert other.any() and (strict[0][other] == 0).all()
+    hull = segmentation.extract_subtomograms(
+        vol, table, lab, box=box, mask="convex_hull", progress=False
+    )
+    kept = hull[0] > 0
+    assert kept[own].all() and not kept[~grown].all()
+    # the hull fills the missing quarter of the ring: the inside of the "C" is kept...
+    assert kept[16 - c0[0], 19 - c0[1], 19 - c0[2]] and kept[16 - c0[0], 16 - c0[1], 16 - c0[2]]
+    # ...but nothing beyond the ring's outer radius
+    assert not kept[16 - c0[0], 16 - c0[1], 16 + 9 - c0[2]]
+    assert kept.sum() > own.sum()

@@ -732,9 +732,11 @@ def particles(
             class_names = SEMANTIC_CLASSES
         except ImportError:
             class_names = _SEMANTIC_CLASSES
+    if not isinstance(lab, da.Array) and lab.size > 128**3:
+        lab = da.from_array(lab, chunks=(128, 128, 128))  # bounded temporary memory
     if isinstance(lab, da.Array):
         if sem is not None:
-            sem = sem.rechunk(lab.chunks) if isinstance(sem, da.Array) else da.from_array(sem)
+            sem = sem if isinstance(sem, da.Array) else da.from_array(sem, chunks=lab.chunks)
             sem = sem.rechunk(lab.chunks)
         starts = [np.cumsum((0,) + c[:-1]) for c in lab.chunks]
         parts = []

@@ -463,15 +463,17 @@ class Particles:
     def _record(
         self, action: str, params: dict[str, Any], positions: np.ndarray, columns: Sequence[str]
     ) -> None:
-        """Append a history entry holding what is needed to undo an action about to happen."""
-        ids = self.obs.index[positions].tolist()
+        """Append a history entry holding what is needed to undo an action about to happen.
+
+        ``columns`` are the obs columns the action changes at ``positions``; their old values
+        (or, for columns that do not exist yet, just their names) and a copy of ``uns`` are kept.
+        """
+        _check_json(params, f"parameters of {action}")
         old_cols: dict[str, list[Any]] = {}
         new_cols: list[str] = []
-        dtypes: dict[str, str] = {}
         for c in columns:
             if c in self.obs.columns:
                 old_cols[c] = [_json_value(v) for v in self.obs[c].iloc[positions].tolist()]
-                dtypes[c] = str(self.obs[c].dtype)
             else:
                 new_cols.append(c)
         entry = {
@@ -479,13 +481,12 @@ class Particles:
             "params": params,
             "time": _now(),
             "undo": {
-                "ids": ids,
+                "ids": self.obs.index[positions].tolist() if old_cols else [],
                 "columns": old_cols,
                 "new_columns": new_cols,
                 "uns": copy.deepcopy(self.uns),
             },
         }
-        _check_json(entry, f"history entry for {action}")
         self.history.append(entry)
 
     def undo(self) -> dict[str, Any]:

@@ -67,7 +67,7 @@ def test_maps_from_labels_targets():
 # ----------------------------------------------------------------------- instances
 def test_gt_maps_give_high_ap(crowded):
     lab, maps = crowded
-    inst = segmentation.instances(maps, boundary_bias=0.3, progress=False)
+    inst = segmentation.instances(maps, progress=False)
     assert inst.dtype == np.uint32 and inst.dims == DIMS
     assert inst.attrs["voxel_size"] == 10.0
     ids = np.unique(inst.values)
@@ -84,7 +84,7 @@ def test_gt_maps_from_simulator_give_high_ap():
     vols = sim.simulate((64, 96, 96), mode="fast", seed=1).volumes
     gt = vols["instances"].values
     maps = segmentation.maps_from_labels(vols["instances"])
-    inst = segmentation.instances(maps, boundary_bias=0.3, min_size=1, progress=False)
+    inst = segmentation.instances(maps, min_size=1, progress=False)
     ap = metrics.average_precision(inst.values, gt)
     assert ap["AP50"] >= 0.9, ap
 
@@ -150,12 +150,11 @@ def test_size_touching_and_mask_filters():
 
 def test_blockwise_equals_whole_volume(crowded, tmp_path):
     lab, maps = crowded
-    whole = segmentation.instances(maps, boundary_bias=0.3, progress=False).values
+    whole = segmentation.instances(maps, progress=False).values
     lazy = maps.chunk({"z": 16, "y": 16, "x": 16})
     # 48×64×64 in 24×32×32 blocks → 2×2×2 = 8 blocks; labels written to a zarr store
     blk = segmentation.instances(
         lazy,
-        boundary_bias=0.3,
         block_shape=(24, 32, 32),
         halo=12,
         out=tmp_path / "inst.zarr",

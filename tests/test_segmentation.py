@@ -81,12 +81,22 @@ def test_gt_maps_from_simulator_give_high_ap():
     sim = pytest.importorskip("cryosiam_nb.sim")
     if not hasattr(sim, "simulate"):
         pytest.skip("cryosiam_nb.sim.simulate not available yet")
-    vols = sim.simulate((64, 96, 96), mode="fast", seed=1).volumes
+    result = sim.simulate((64, 96, 96), mode="fast", seed=1)
+    vols = result.volumes
     gt = vols["instances"].values
     maps = segmentation.maps_from_labels(vols["instances"])
     inst = segmentation.instances(maps, min_size=1, progress=False)
     ap = metrics.average_precision(inst.values, gt)
-    assert ap["AP50"] >= 0.9, ap
+    assert ap["AP50"] >= 0.9 and ap["n_gt"] > 50, ap
+    # the particle table of the true labels agrees with the simulator's own table
+    df = segmentation.particles(vols["instances"], semantic=vols["semantic"], progress=False)
+    m = df.merge(result.particles, left_on="particle_id", right_on="id", suffixes=("", "_sim"))
+    assert len(m) == len(df) == len(result.particles)
+    assert (m.n_voxels == m.n_voxels_sim).all() and (m.size_category == m.size_category_sim).all()
+    off = np.sqrt((m.z - m.z_sim) ** 2 + (m.y - m.y_sim) ** 2 + (m.x - m.x_sim) ** 2)
+    assert off.max() < 3.0  # centroid vs the simulator's particle centre (voxels)
+    assert (df.semantic_class == "particle").all()
+    assert df.z_A.to_numpy() == pytest.approx(df.z.to_numpy() * vols.attrs["voxel_size"])
 
 
 def test_multicut_merges_inner_faces_and_respects_boundaries():

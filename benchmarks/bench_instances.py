@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit, run_isolated  # noqa: E402
 
 CHILD = r"""
-import gc, json, tempfile, time, numpy as np, xarray as xr
+import gc, json, sys, tempfile, time, numpy as np, xarray as xr
+sys.path.insert(0, {bench_dir!r})
 from cryosiam_nb import metrics, segmentation
 from _common import PeakRSS
 import elf.segmentation.multicut, skimage.segmentation  # warm imports: not part of the timing
@@ -122,7 +123,8 @@ THESIS = {  # Table 7 (CryoETSim, 400 tomograms): AP-50 and AP-70
 def scaling(sizes: list[int], bias: float) -> pd.DataFrame:
     rows = []
     for n in sizes:
-        out, peak = run_isolated(CHILD.format(n=n, seed=0, bias=bias))
+        code = CHILD.format(n=n, seed=0, bias=bias, bench_dir=str(Path(__file__).parent))
+        out, peak = run_isolated(code)
         r = json.loads(out.strip().splitlines()[-1])
         r["s_per_mvox"] = r["seconds"] / r["mvox"]
         r["peak_rss_gib_process"] = peak
@@ -174,7 +176,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="64³ and 96³ only (CI, ≤ 1 min)")
     ap.add_argument(
-        "--boundary-bias", type=float, default=0.3, help="multicut β for the perfect maps"
+        "--boundary-bias", type=float, default=0.5, help="multicut β (library default 0.5)"
     )
     ap.add_argument("--skip-model", action="store_true", help="skip the trained-model AP part")
     args = ap.parse_args()

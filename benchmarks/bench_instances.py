@@ -94,7 +94,7 @@ print(json.dumps(dict(size=f"{{n}}^3", source=source, mode=blocks, mvox=n ** 3 /
 MODEL_CHILD = r"""
 import json, numpy as np, torch
 torch.set_num_threads(2)
-from cryosiam_nb import metrics, models, segmentation, tl
+from cryosiam_nb import metrics, models, pp, segmentation, tl
 from cryosiam_nb.sim import simulate
 inst_model = models.load("tiny-instance")
 den_model = models.load("tiny-denoise")
@@ -104,7 +104,7 @@ for s in range(n_tomo):
     vols = simulate(shape, seed=1000 + s).volumes
     gt = vols["instances"].values
     noisy = vols["noisy"]
-    den = tl.predict(den_model, noisy)["denoised"]
+    den = pp.normalize(tl.predict(den_model, noisy)["denoised"].compute(), invert=False)
     for name, vol in (("noisy", noisy), ("denoised", den)):
         maps = tl.predict(inst_model, vol).compute()
         inst = segmentation.instances(maps, progress=False)

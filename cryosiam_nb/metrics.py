@@ -95,8 +95,7 @@ def dice(
     n_gt = pd.Series(v).groupby(g_idx).sum()
     inter = pd.Series(v[p_idx == g_idx]).groupby(p_idx[p_idx == g_idx]).sum()
     if classes is None:
-        ids = sorted(set(n_pred.index) | set(n_gt.index) - {0})
-        ids = [i for i in ids if i != 0]
+        ids = sorted((set(n_pred.index) | set(n_gt.index)) - {0})
         names: Mapping[int, Any] = {i: int(i) for i in ids}
     elif isinstance(classes, Mapping):
         names = dict(classes)

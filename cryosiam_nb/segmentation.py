@@ -388,7 +388,6 @@ def _blockwise(
     faces: dict[tuple[int, int], np.ndarray] = {}  # (block, axis+sign) → labels on 2 planes
     counts = []
     offset = 0
-    offsets = []
     for core in tqdm(cores, desc="instances (blocks)", disable=not progress):
         ext = tuple(
             slice(max(c.start - halo, 0), min(c.stop + halo, s)) for c, s in zip(core, shape)
@@ -420,7 +419,6 @@ def _blockwise(
         core_lab[core_lab > 0] += np.uint32(offset)
         out_store[core] = core_lab
         counts.append(_label_counts(core_lab))
-        offsets.append(offset)
         offset += n_core
     # union-find over face pairs: IoU > 0.5 on the two planes around the face
     pairs: list[tuple[int, int]] = []
@@ -581,6 +579,8 @@ def instances(
         block_shape = tuple(min(b, s) for b, s in zip(bs, shape))
         if block_shape == tuple(shape):
             block_shape = None
+        elif int(halo) < 1:
+            raise InputError(f"halo: must be >= 1 voxel for block-wise processing, got {halo}")
 
     attrs: dict[str, Any] = {k_: v for k_, v in p.items()}
     attrs.update(min_size=int(min_size), max_size=-1 if max_size is None else int(max_size))

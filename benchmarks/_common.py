@@ -56,9 +56,17 @@ class PeakRSS:
 def run_isolated(code: str, timeout: float = 3600) -> tuple[str, float]:
     """Run Python ``code`` in a fresh interpreter; return (its stdout, its peak RSS in GiB).
 
-    The child reports its own ``ru_maxrss`` at exit, so the peak belongs to that run only.
+    The child reports its own high-water mark (``VmHWM`` of /proc/self/status; Linux keeps
+    ``ru_maxrss`` across exec, so it would include the parent's pre-fork size).
     """
-    tail = "\nimport resource as _r\nprint('PEAK_RSS_KIB', _r.getrusage(_r.RUSAGE_SELF).ru_maxrss)\n"
+    tail = (
+        "\nimport re as _re, resource as _r\n"
+        "try:\n"
+        "    _k = int(_re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
+        "except Exception:\n"
+        "    _k = _r.getrusage(_r.RUSAGE_SELF).ru_maxrss\n"
+        "print('PEAK_RSS_KIB', _k)\n"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code + tail],
         capture_output=True,

@@ -12,6 +12,7 @@ import json
 import mmap
 import os
 import shutil
+import threading
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -347,34 +348,52 @@ def write(
 _MRC_DTYPES = {np.dtype(t) for t in (np.int8, np.int16, np.uint16, np.float16, np.float32)}
 
 
+class _MrcBlockWriter:
+    """``da.store`` target writing blocks into an MRC's memory map without growing RSS.
+
+    After each block the mapping's pages are released (``MADV_DONTNEED``; on a shared
+    file mapping the data stays in the page cache and reaches the file), so writing a
+    tomogram larger than RAM keeps the process small. Also accumulates min/max/mean.
+    """
+
+    def __init__(self, mm: np.memmap):
+        self.mm = mm
+        self.lock = threading.Lock()
+        self.lo, self.hi, self.total, self.n = np.inf, -np.inf, 0.0, 0
+
+    def __setitem__(self, key: Any, value: np.ndarray) -> None:
+        value = np.asarray(value)
+        self.mm[key] = value
+        raw = getattr(self.mm, "_mmap", None)
+        if raw is not None and hasattr(mmap, "MADV_DONTNEED"):
+            with contextlib.suppress(OSError, ValueError):
+                raw.madvise(mmap.MADV_DONTNEED)
+        if value.size:
+            lo, hi = float(value.min()), float(value.max())
+            total = float(value.sum(dtype=np.float64))
+            with self.lock:
+                self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+                self.total += total
+                self.n += value.size
+
+
 def _write_mrc(src: da.Array, tmp: Path, voxel_size: float, progress: bool) -> None:
     dtype = src.dtype if src.dtype in _MRC_DTYPES else np.dtype(np.float32)
     if src.dtype == np.uint8:
         dtype = np.dtype(np.int16)
-    if src.dtype in (np.dtype(np.uint32), np.dtype(np.int32), np.dtype(np.int64)):
-        dtype = np.dtype(np.float32)
-    mrc = mrcfile.new_mmap(tmp, shape=src.shape, mrc_mode=_mrc_mode(dtype), overwrite=True)
-    try:
-        mrc.voxel_size = voxel_size
-        lo, hi, total, n = np.inf, -np.inf, 0.0, 0
-        zchunks = np.cumsum((0,) + src.chunks[0])
-        rows = range(len(zchunks) - 1)
+    with mrcfile.new_mmap(tmp, shape=src.shape, mrc_mode=_mrc_mode(dtype), overwrite=True) as m:
+        m.voxel_size = voxel_size
+        writer = _MrcBlockWriter(m.data)
+        data = src.astype(m.data.dtype)
         if progress:
-            from tqdm.auto import tqdm
+            from dask.diagnostics import ProgressBar
 
-            rows = tqdm(rows, desc=f"writing {tmp.name}", unit="slab")
-        for i in rows:
-            z0, z1 = int(zchunks[i]), int(zchunks[i + 1])
-            slab = np.asarray(src[z0:z1].compute()).astype(dtype, copy=False)
-            mrc.data[z0:z1] = slab
-            lo, hi = min(lo, float(slab.min())), max(hi, float(slab.max()))
-            total += float(slab.sum(dtype=np.float64))
-            n += slab.size
-        mrc.header.dmin, mrc.header.dmax = lo, hi
-        mrc.header.dmean = total / max(n, 1)
-        mrc.flush()
-    finally:
-        mrc.close()
+            with ProgressBar():
+                da.store(data, writer, lock=False)
+        else:
+            da.store(data, writer, lock=False)
+        m.header.dmin, m.header.dmax = writer.lo, writer.hi
+        m.header.dmean = writer.total / max(writer.n, 1)
 
 
 def _mrc_mode(dtype: np.dtype) -> int:

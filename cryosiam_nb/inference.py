@@ -565,7 +565,8 @@ def predict(
         n = heads[0][1]
         names = getattr(model, "class_names", None)
         names = list(names) if names is not None and len(names) == n else None
-        coords["class"] = names or [f"class_{c}" for c in range(n)]
+        # object strings: stored as zarr v3 variable-length strings
+        coords["class"] = np.array(names or [f"class_{c}" for c in range(n)], dtype=object)
         variables["probabilities"] = (("class", *DIMS), stacked[:n].astype(np.float16))
         variables["labels"] = (DIMS, stacked[n].astype(np.uint8))
         variables["distance"] = (("class", *DIMS), stacked[n + 1 :].astype(np.float16))

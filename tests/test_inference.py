@@ -1,0 +1,364 @@
+"""Tests for cryosiam_nb.inference: chunked sliding-window prediction and post-processing."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from monai.inferers import sliding_window_inference
+from scipy import ndimage
+from torch import nn
+
+from cryosiam_nb.inference import (
+    lamella_mask,
+    postprocess_semantic,
+    predict,
+    write_predictions,
+)
+from cryosiam_nb.io import InputError
+
+torch.set_num_threads(2)
+
+PATCH = (16, 16, 16)
+_HEADS = {
+    "denoise": (("denoised", 1),),
+    "semantic": (("logits", 3), ("distance", 3)),
+    "lamella": (("logits", 2), ("distance", 2)),
+    "instance": (("foreground", 1), ("distance", 1), ("boundary", 1)),
+    "dense_ssl": (),
+}
+
+
+class ToyNet(nn.Module):
+    """A conforming CryoSiam-like model: two 3×3×3 convs (receptive field 5³) + 1×1 heads."""
+
+    def __init__(self, task: str = "semantic", patch=PATCH, dim: int = 4, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.task = task
+        self.patch_size = tuple(patch)
+        heads = _HEADS[task]
+        self.class_names = (
+            tuple(f"c{i}" for i in range(heads[0][1])) if task in ("semantic", "lamella") else None
+        )
+        self.voxel_size = None
+        self.config = {}
+        self.enc = nn.Sequential(
+            nn.Conv3d(1, dim, 3, padding=1), nn.ReLU(), nn.Conv3d(dim, dim, 3, padding=1)
+        )
+        self.heads = nn.ModuleDict({k: nn.Conv3d(dim, c, 1) for k, c in heads})
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_lock")
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._lock = threading.Lock()
+
+    def backbone(self, x):
+        return self.enc(x)
+
+    def forward(self, x):
+        with self._lock:
+            self.calls += 1
+        z = self.enc(x)
+        return {k: h(z) for k, h in self.heads.items()}
+
+
+def _tomo(shape, seed=0, chunks=(32, 64, 64)):
+    vol = np.random.default_rng(seed).random(shape, dtype=np.float32)
+    arr = xr.DataArray(
+        da.from_array(vol, chunks=chunks), dims=("z", "y", "x"), attrs={"voxel_size": 10.0}
+    )
+    arr = arr.assign_coords({d: np.arange(n) * 10.0 for d, n in zip(("z", "y", "x"), shape)})
+    return vol, arr
+
+
+def _monolithic(model, vol, patch=PATCH, overlap=0.5):
+    """Reference: one MONAI sliding_window_inference over the whole volume."""
+    with torch.no_grad():
+        return sliding_window_inference(
+            torch.from_numpy(vol)[None, None],
+            patch,
+            4,
+            model,
+            overlap=overlap,
+            mode="gaussian",
+        )
+
+
+BIG = (32, 32, 32)
+
+
+def test_chunked_equals_monolithic_96x128x128():
+    """Acceptance: chunked == one monolithic MONAI sliding_window_inference within 1e-4."""
+    vol, arr = _tomo((96, 128, 128))
+    model = ToyNet("denoise", patch=BIG, dim=2).eval()
+    ds = predict(model, arr, overlap=0.5, chunks=(32, 48, 64), batch_size=4)
+    assert isinstance(ds["denoised"].data, da.Array)  # lazy
+    assert ds["denoised"].data.chunksize == (32, 48, 64)
+    got = ds["denoised"].values
+    ref = _monolithic(model, vol, BIG)["denoised"][0, 0].numpy()
+    assert np.abs(got - ref).max() < 1e-4
+
+
+def test_semantic_heads_match_monolithic():
+    vol, arr = _tomo((40, 48, 56))
+    model = ToyNet("semantic").eval()
+    got = predict(model, arr, chunks=(16, 32, 32)).compute()
+    ref = _monolithic(model, vol)
+    prob_ref = torch.softmax(ref["logits"][0], 0).numpy()
+    dist_ref = torch.tanh(ref["distance"][0]).numpy()
+    # float16 storage (contract): compare at float16 resolution
+    np.testing.assert_allclose(got["probabilities"].values.astype(np.float32), prob_ref, atol=1e-3)
+    np.testing.assert_allclose(got["distance"].values.astype(np.float32), dist_ref, atol=1e-3)
+    lab_ref = ref["logits"][0].argmax(0).numpy()
+    assert (got["labels"].values == lab_ref).mean() > 0.9999
+
+
+@pytest.mark.parametrize(
+    "shape,patch,overlap,chunks",
+    [
+        (
+            (37, 70, 53),
+            (16, 16, 16),
+            0.5,
+            (16, 32, 24),
+        ),  # nothing divides; MONAI shifts last window
+        ((20, 45, 9), (8, 12, 16), 0.25, None),  # anisotropic patch, x smaller than patch
+    ],
+)
+def test_chunked_equals_monolithic_non_divisible(shape, patch, overlap, chunks):
+    vol, arr = _tomo(shape, seed=3, chunks=(7, 13, 11))
+    model = ToyNet("instance", patch=patch).eval()
+    ds = predict(model, arr, patch_size=patch, overlap=overlap, chunks=chunks).compute()
+    ref = _monolithic(model, vol, patch, overlap)
+    np.testing.assert_allclose(
+        ds["foreground"].values, torch.sigmoid(ref["foreground"][0, 0]).numpy(), atol=1e-5
+    )
+    np.testing.assert_allclose(
+        ds["boundary"].values, torch.sigmoid(ref["boundary"][0, 0]).numpy(), atol=1e-5
+    )
+    np.testing.assert_allclose(ds["distance"].values, ref["distance"][0, 0].numpy(), atol=1e-4)
+
+
+def test_outputs_per_task_dtypes_dims_coords():
+    vol, arr = _tomo((24, 40, 40))
+    expect = {
+        "denoise": {"denoised": (np.float32, ("z", "y", "x"))},
+        "semantic": {
+            "probabilities": (np.float16, ("class", "z", "y", "x")),
+            "labels": (np.uint8, ("z", "y", "x")),
+            "distance": (np.float16, ("class", "z", "y", "x")),
+        },
+        "instance": {
+            "foreground": (np.float32, ("z", "y", "x")),
+            "boundary": (np.float32, ("z", "y", "x")),
+            "distance": (np.float32, ("z", "y", "x")),
+        },
+        "dense_ssl": {"embedding": (np.float16, ("feature", "z", "y", "x"))},
+    }
+    for task, variables in expect.items():
+        ds = predict(ToyNet(task), arr)
+        assert set(ds.data_vars) == set(variables), task
+        for name, (dtype, dims) in variables.items():
+            assert ds[name].dtype == dtype, (task, name)
+            assert ds[name].dims == dims, (task, name)
+        np.testing.assert_array_equal(ds["z"].values, arr["z"].values)
+        assert ds.attrs["voxel_size"] == 10.0
+    ds = predict(ToyNet("semantic"), arr).compute()
+    assert list(ds["class"].values) == ["c0", "c1", "c2"]
+    np.testing.assert_allclose(ds["probabilities"].sum("class").values, 1.0, atol=5e-3)
+    assert ds["labels"].max() <= 2
+    emb = predict(ToyNet("dense_ssl"), arr)["embedding"]
+    assert emb.sizes["feature"] == 4
+
+
+def test_each_window_runs_the_model_once():
+    """All heads come from one pass, and chunking adds no window evaluations."""
+    vol, arr = _tomo((40, 48, 56))
+    model = ToyNet("semantic").eval()
+    ds = predict(model, arr, chunks=(16, 16, 32), batch_size=1)
+    n0 = model.calls  # the dry run that discovers head sizes
+    dask.compute(ds["probabilities"], ds["labels"], ds["distance"])
+    n_windows = 4 * 5 * 6  # MONAI's grid: (40-16)/8+1, (48-16)/8+1, (56-16)/8+1
+    assert model.calls - n0 == n_windows
+
+
+def test_mask_skips_chunks_and_is_exact_inside():
+    vol, arr = _tomo((48, 64, 64))
+    model = ToyNet("denoise", seed=2).eval()
+    full = predict(model, arr, chunks=32, batch_size=1)["denoised"].values
+    n_full = model.calls
+    mask = np.zeros(vol.shape, np.uint8)
+    mask[20:30, 8:40, 10:50] = 1  # a small box: most chunks have no sample
+    model.calls = 0
+    ds = predict(model, arr, chunks=32, batch_size=1, mask=mask)
+    n_dry = model.calls
+    got = ds["denoised"].values
+    n_masked = model.calls - n_dry
+    assert n_full - 1 == 5 * 7 * 7  # every window of MONAI's grid (+ the dry run)
+    assert n_masked == 3 * 5 * 7  # only windows containing a masked voxel run
+    inside = mask > 0
+    assert np.abs(got[inside] - full[inside]).max() < 1e-5
+    assert np.all(got[~inside] == 0)
+    # an all-zero mask runs nothing
+    model.calls = 0
+    empty = predict(model, arr, chunks=32, mask=np.zeros(vol.shape, np.uint8))
+    assert float(empty["denoised"].max()) == 0.0 and model.calls == 1
+
+
+def test_write_predictions_streams_to_zarr(tmp_path):
+    vol, arr = _tomo((40, 48, 56))
+    model = ToyNet("semantic").eval()
+    ds = predict(model, arr, chunks=(16, 32, 32))
+    out = tmp_path / "pred.zarr"
+    write_predictions(ds, out, progress=False)
+    back = xr.open_zarr(out, consolidated=False)
+    assert back["probabilities"].dtype == np.float16
+    assert back["probabilities"].data.chunksize == (3, 16, 32, 32)
+    np.testing.assert_array_equal(back["labels"].values, ds["labels"].values)
+    assert back.attrs["task"] == "semantic"
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # atomic: no leftovers
+    with pytest.raises(FileExistsError):
+        write_predictions(ds, out, progress=False, overwrite=False)
+
+
+def test_local_cluster_same_result(tmp_path):
+    """The same call under a 2-worker dask.distributed LocalCluster gives the same result.
+
+    Threads inside one process keep the test fast (worker processes importing torch take
+    ~1 min on 2 shared cores); that the graph ships to worker processes is checked by
+    round-tripping it through pickle below.
+    """
+    distributed = pytest.importorskip("distributed")
+    vol, arr = _tomo((48, 64, 64))
+    model = ToyNet("denoise", seed=4).eval()
+    local = predict(model, arr, chunks=32)["denoised"].values
+    with (
+        distributed.LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=False,
+            dashboard_address=None,
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        ds = predict(model, arr, chunks=32)
+        got = client.compute(ds["denoised"]).result().values
+        assert len(client.scheduler_info()["workers"]) == 2
+        path = write_predictions(ds, tmp_path / "p.zarr", progress=False)
+        stored = xr.open_zarr(path, consolidated=False)["denoised"].values
+    assert np.abs(got - local).max() < 1e-6
+    np.testing.assert_array_equal(stored, got)
+
+
+def test_graph_pickles_for_worker_processes():
+    """dask.distributed with processes pickles the graph: the model must travel with it."""
+    vol, arr = _tomo((24, 32, 32))
+    model = ToyNet("instance").eval()
+    ds = predict(model, arr)
+    again = pickle.loads(pickle.dumps(ds))
+    np.testing.assert_array_equal(again["foreground"].values, ds["foreground"].values)
+
+
+def test_bad_input_raises_clear_errors():
+    vol, arr = _tomo((24, 40, 40))
+    model = ToyNet("semantic")
+    with pytest.raises(InputError, match="chunks"):
+        predict(model, arr, chunks=20)  # not a multiple of the stride (8)
+    with pytest.raises(InputError, match="overlap"):
+        predict(model, arr, overlap=1.0)
+    with pytest.raises(InputError, match="mask"):
+        predict(model, arr, mask=np.ones((3, 3, 3)))
+    with pytest.raises(InputError, match="3-D"):
+        predict(model, vol[0])
+    bad = ToyNet("semantic")
+    bad.task = "classify"
+    with pytest.raises(InputError, match="task"):
+        predict(bad, arr)
+
+
+def test_postprocess_semantic_drops_small_components_across_chunks():
+    lab = np.zeros((40, 40, 40), np.uint8)
+    lab[2:30, 5:9, 5:9] = 1  # 448 voxels of class 1, crosses z-chunk borders
+    lab[33:36, 30:33, 30:33] = 1  # 27 voxels of class 1
+    lab[10:13, 20:22, 15:23] = 2  # 48 voxels of class 2, crosses y and x chunk borders
+    lab[30:31, 20:21, 20:21] = 2  # 1 voxel of class 2
+    lab[14:18, 14:18, 14:18] = 2  # 64 voxels of class 2 touching nothing
+    lab[14:18, 18:20, 14:18] = 1  # class-1 block touching the class-2 block: no merge
+    arr = xr.DataArray(da.from_array(lab, chunks=(12, 21, 16)), dims=("z", "y", "x"))
+    ds = xr.Dataset({"labels": arr}, coords={"class": ["bg", "membrane", "particle"]})
+
+    out = postprocess_semantic(ds, min_size=40, progress=False)
+    assert isinstance(out.data, da.Array) and out.dtype == np.uint8
+    res = out.values
+    assert (res[2:30, 5:9, 5:9] == 1).all()
+    assert (res[33:36, 30:33, 30:33] == 0).all()  # 27 < 40
+    assert (res[10:13, 20:22, 15:23] == 2).all()  # 48 ≥ 40 although split over 4 chunks
+    assert res[30, 20, 20] == 0
+    assert (res[14:18, 14:18, 14:18] == 2).all()
+    assert (res[14:18, 18:20, 14:18] == 0).all()  # 32 voxels of class 1, not merged with 2
+
+    # per-class thresholds by name; classes not named are untouched
+    res2 = postprocess_semantic(ds, min_size={"particle": 50}, progress=False).values
+    assert (res2[33:36, 30:33, 30:33] == 1).all()
+    assert (res2[10:13, 20:22, 15:23] == 0).all()  # 48 < 50
+    assert (res2[14:18, 14:18, 14:18] == 2).all()
+
+    # same as a monolithic scipy computation on random labels
+    rnd = (np.random.default_rng(1).random((30, 30, 30)) * 3).astype(np.uint8)
+    arr = xr.DataArray(da.from_array(rnd, chunks=10), dims=("z", "y", "x"))
+    res3 = postprocess_semantic(arr, min_size=5, progress=False).values
+    expect = rnd.copy()
+    for c in (1, 2):
+        cc, _ = ndimage.label(rnd == c)
+        sizes = np.bincount(cc.ravel())
+        small = (sizes < 5)[cc] & (cc > 0)
+        expect[small] = 0
+    np.testing.assert_array_equal(res3, expect)
+    with pytest.raises(InputError, match="min_size"):
+        postprocess_semantic(ds, min_size={"nucleus": 3}, progress=False)
+
+
+def test_lamella_mask_smooth_threshold_largest_hull():
+    shape = (40, 48, 48)
+    prob = np.zeros(shape, np.float32)
+    # a slab of sample, slightly tilted, with a notch, plus a small bright blob outside
+    zz, yy, xx = np.mgrid[: shape[0], : shape[1], : shape[2]]
+    slab = (np.abs(zz - 20 - 0.1 * (yy - 24)) < 8) & (np.abs(xx - 24) < 18) & (np.abs(yy - 24) < 18)
+    prob[slab] = 1.0
+    prob[16:24, 20:28, 36:42] = 0.0  # a notch: the convex hull fills it back in
+    prob[2:5, 2:8, 2:8] = 1.0  # speck far from the slab
+    arr = xr.DataArray(da.from_array(prob, chunks=(16, 24, 24)), dims=("z", "y", "x"))
+    two_class = xr.concat([1 - arr, arr], dim="class").assign_coords(
+        {"class": ["outside", "lamella"]}
+    )
+    sigma = (2.0, 1.0, 1.0)
+    out = lamella_mask(two_class, sigma=sigma, threshold=0.9, progress=False)
+    assert out.dtype == np.uint8 and out.dims == ("z", "y", "x")
+    res = out.values
+    # reference: the same steps monolithically
+    sm = ndimage.gaussian_filter(prob, sigma, mode="reflect", truncate=4.0)
+    th = sm > 0.9
+    cc, _ = ndimage.label(th)
+    largest = cc == np.argmax(np.bincount(cc.ravel())[1:]) + 1
+    from skimage.morphology import convex_hull_image
+
+    expect = np.stack([convex_hull_image(s) if s.any() else s for s in largest]).astype(np.uint8)
+    np.testing.assert_array_equal(res, expect)
+    assert res[3, 4, 4] == 0  # speck dropped (not the largest component)
+    assert res[20, 24, 38] == 1  # the notch is filled by the hull
+    assert res[20, 24, 24] == 1 and res[20, 24, 2] == 0
+    same = lamella_mask(arr, sigma=sigma, progress=False).values  # a bare probability works too
+    np.testing.assert_array_equal(same, res)

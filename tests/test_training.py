@@ -10,7 +10,7 @@ import torch
 
 from cryosiam_nb.training import data as D
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 # very small networks so that every trainer runs in seconds on 2 shared cores
 SMALL = dict(

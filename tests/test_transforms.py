@@ -8,7 +8,7 @@ import torch
 
 from cryosiam_nb import transforms as T
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 
 def _vol(shape=(24, 24, 24), seed=0):

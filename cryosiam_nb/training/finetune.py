@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from cryosiam_nb.transforms import finetune_geometric_transform
 
+from . import _losses
 from .data import PatchDataset, Tomogram, as_tomograms, split_tomograms
 from .loop import fit, seed_all
 from .ssl import _data_summary, _saver, _voxel_size
@@ -58,10 +59,10 @@ def task_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Training loss of a head task for a batch (``target``: ``(N, 1, Z, Y, X)``).
 
-    Uses ``cryosiam_nb.models.losses``: denoise L1 + SSIM (or ``"mse"``); semantic and
+    Uses :mod:`cryosiam_nb.training._losses`: denoise L1 + SSIM (or ``"mse"``); semantic and
     lamella CE + generalised Dice + MSE on tanh(distance) vs clipped signed distances;
     instance BCE(foreground) + MSE(distance) + BCE(boundary)."""
-    L = _models().losses
+    L = _losses
     if task == "denoise":
         res = L.denoise_loss(out["denoised"], target, kind=denoise_loss)
     elif task in ("semantic", "lamella"):
@@ -145,9 +146,7 @@ def evaluate(
             d = metrics.dice(pred, t.labels[TASK_TARGETS[task]].astype(np.int64), classes=classes)
             r.update({f"dice_{k}": float(v) for k, v in d.items()})
         elif task == "instance":
-            from cryosiam_nb.models import losses as L
-
-            tg = L.instance_targets(
+            tg = _losses.instance_targets(
                 torch.from_numpy(t.labels["instances"].astype(np.int64))[None, None]
             )
             fg = (out["foreground"][0] > 0).astype(np.int64)

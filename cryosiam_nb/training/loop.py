@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,6 @@ def _save_history(history: pd.DataFrame, out: Path) -> None:
 
             plt.close(fig)
     except Exception as err:  # noqa: BLE001 - a plot must never stop training
-        import warnings
 
         warnings.warn(f"could not draw loss curves: {err}", stacklevel=2)
 
@@ -211,7 +211,11 @@ def fit(
         st = torch.load(sp, map_location=dev, weights_only=False)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
+        # the schedule follows the (possibly longer) total requested now: replay its steps
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(int(st["step"])):
+                sched.step()
         if st.get("scaler"):
             scaler.load_state_dict(st["scaler"])
         start_epoch, step = int(st["epoch"]), int(st["step"])

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from cryosiam_nb.transforms import ssl_view_transform, subtomo_view_transform
 
+from . import _losses
 from .data import (
     CropPairDataset,
     SubtomoPairDataset,
@@ -76,13 +77,8 @@ def dense_ssl_loss(
     """DenseSimSiam loss L_global + L_dense + L_level over the two views' overlap.
 
     ``box1``/``box2``: ``(N, 3, 2)`` crop boxes in region coordinates (voxels). Uses
-    ``cryosiam_nb.models.losses.dense_simsiam_loss``."""
-    losses = _models().losses
-    res = losses.dense_simsiam_loss(out1, out2, box1, box2)
-    if isinstance(res, tuple):
-        loss, parts = res
-        return loss, {k: float(v) for k, v in dict(parts).items()}
-    return res, {}
+    :func:`cryosiam_nb.training._losses.dense_simsiam_loss`."""
+    return _losses.dense_simsiam_loss(out1, out2, box1, box2)
 
 
 def _dense_step(model, batch, dev):
@@ -287,12 +283,8 @@ def subtomograms_from_tomograms(
 
 
 def _simsiam_step(model, batch, dev):
-    losses = _models().losses
     o1, o2 = model.ssl_forward(batch["view_1"], batch["view_2"])
-    loss = losses.simsiam_loss(o1, o2)
-    if isinstance(loss, tuple):
-        loss = loss[0]
-    return loss, {}
+    return _losses.simsiam_loss(o1, o2), {}
 
 
 def pretrain_subtomo(
@@ -439,13 +431,9 @@ class _ContrastivePairs(torch.utils.data.Dataset):
 
 def _contrastive_step(margin: float):
     def step(model, batch, dev):
-        losses = _models().losses
         e1 = model.embed(batch["view_1"])
         e2 = model.embed(batch["view_2"])
-        loss = losses.contrastive_loss(e1, e2, batch["y"], margin=margin)
-        if isinstance(loss, tuple):
-            loss = loss[0]
-        return loss, {}
+        return _losses.contrastive_loss(e1, e2, batch["y"], margin=margin), {}
 
     return step
 

@@ -1,0 +1,31 @@
+"""CryoSiam networks, presets, losses and checkpoints.
+
+>>> from cryosiam_nb import models
+>>> model = models.build("semantic", preset="tiny")          # untrained
+>>> model = models.load("published_semantic.ckpt")          # CryoSiam v1.0 or ours
+>>> out = model(x)          # x: (N, 1, Z, Y, X) float32 in [0, 1]; dict of raw head outputs
+>>> emb = model.backbone(x) # (N, D, Z, Y, X) dense embedding
+>>> models.save(model, "my.pt", voxel_size=10.0, metrics={"dice": 0.8})
+"""
+
+from . import losses
+from .checkpoints import WEIGHTS_DIR, list_models, load, load_checkpoint_dict, save
+from .networks import TASKS, CryoSiamModel, DenseSimSiam, SimSiam, TaskHeads
+from .presets import PRESETS, build, build_from_config
+
+__all__ = [
+    "build",
+    "build_from_config",
+    "load",
+    "save",
+    "list_models",
+    "load_checkpoint_dict",
+    "CryoSiamModel",
+    "DenseSimSiam",
+    "SimSiam",
+    "TaskHeads",
+    "PRESETS",
+    "TASKS",
+    "WEIGHTS_DIR",
+    "losses",
+]

@@ -1,0 +1,230 @@
+"""Model size presets and :func:`build`.
+
+``"paper"`` — the sizes of the thesis / CryoSiam v1.0 release (SPEC §2): ResNet filters
+(64, 128, 256, 512) with bottleneck blocks (res5 has 2048 channels), FPN 128, 64-d voxel
+embedding with a 64→16→64 dense predictor, 256-d global embedding with a 256→64→256
+predictor, L2 level loss, heads 64→32→64→out, patch 128³, subtomogram SimSiam 1024-d
+(predictor 256) on 64³ boxes.
+
+``"tiny"`` — for training on a 2-core CPU in minutes: filters (8, 16, 32, 64) (res5 256
+channels), FPN 16, 16-d voxel embedding (predictor 16→4→16), 64-d global embedding
+(predictor 64→16→64), L2 level loss, heads 16→8→16→out, patch 32³; subtomogram SimSiam
+64-d (predictor 16) on 32³ boxes. About 0.4 M parameters (most in the global MLP).
+Full-resolution 3-D convolutions dominate the cost, so the tiny widths are kept small.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from .networks import HEAD_LAYOUTS, TASKS, CryoSiamModel, DenseSimSiam, SimSiam, TaskHeads
+
+__all__ = ["PRESETS", "build", "build_from_config", "default_class_names"]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "backbone": {
+            "in_channels": 1,
+            "block": "bottleneck",
+            "layers": [1, 1, 1, 1],
+            "filters": [8, 16, 32, 64],
+            "conv1_kernel": 7,
+            "fpn_channels": 16,
+            "dim": 64,
+            "pred_dim": 16,
+            "dense_dim": 16,
+            "dense_pred_dim": 4,
+            "levels": [2],
+            "encoder_fc": False,
+        },
+        "subtomo": {
+            "in_channels": 1,
+            "block": "bottleneck",
+            "layers": [1, 1, 1, 1],
+            "filters": [8, 16, 32, 64],
+            "conv1_kernel": 7,
+            "dim": 64,
+            "pred_dim": 16,
+        },
+        "heads": {"filters": [8, 16], "kernel_size": 3},
+        "patch_size": [32, 32, 32],
+        "subtomo_box": 32,
+    },
+    "paper": {
+        "backbone": {
+            "in_channels": 1,
+            "block": "bottleneck",
+            "layers": [1, 1, 1, 1],
+            "filters": [64, 128, 256, 512],
+            "conv1_kernel": 7,
+            "fpn_channels": 128,
+            "dim": 256,
+            "pred_dim": 64,
+            "dense_dim": 64,
+            "dense_pred_dim": 16,
+            "levels": [2],
+            "encoder_fc": False,
+        },
+        "subtomo": {
+            "in_channels": 1,
+            "block": "bottleneck",
+            "layers": [1, 1, 1, 1],
+            "filters": [64, 128, 256, 512],
+            "conv1_kernel": 7,
+            "dim": 1024,
+            "pred_dim": 256,
+        },
+        "heads": {"filters": [32, 64], "kernel_size": 3},
+        "patch_size": [128, 128, 128],
+        "subtomo_box": 64,
+    },
+}
+
+_FALLBACK_SEMANTIC = ("background", "membrane", "microtubule", "particle", "actin", "dna")
+
+
+def default_class_names(task: str, n_classes: int | None = None) -> tuple[str, ...] | None:
+    """Class names a task uses by default (semantic: the simulator's; lamella: outside/sample)."""
+    if task == "semantic":
+        try:
+            from cryosiam_nb.sim import SEMANTIC_CLASSES as names
+        except ImportError:  # the simulator module may not be installed/complete yet
+            names = _FALLBACK_SEMANTIC
+        names = tuple(names)
+        if n_classes is None or n_classes == len(names):
+            return names
+        return tuple(f"class_{i}" for i in range(n_classes))
+    if task == "lamella":
+        if n_classes is None or n_classes == 2:
+            return ("outside", "sample")
+        return tuple(f"class_{i}" for i in range(n_classes))
+    return None
+
+
+def _override_names(task: str) -> dict[str, str]:
+    """Flat override name → section of the config it changes."""
+    section = "subtomo" if task == "subtomo_ssl" else "backbone"
+    names = {k: section for k in PRESETS["paper"][section]}
+    if task == "subtomo_ssl":
+        names["hidden_dim"] = section
+    else:
+        names["global_hidden"] = section
+    if task in HEAD_LAYOUTS:
+        names.update(head_filters="heads", head_kernel_size="heads")
+    if task in ("semantic", "lamella"):
+        names.update(n_classes="top", class_names="top")
+    names.update(patch_size="top", voxel_size="top")
+    return names
+
+
+def build(task: str, preset: str = "tiny", **overrides: Any) -> CryoSiamModel:
+    """Build an untrained model for ``task`` with the sizes of ``preset``.
+
+    ``task``: "dense_ssl", "denoise", "semantic", "lamella", "instance" or "subtomo_ssl".
+    ``preset``: "tiny" or "paper" (see module docstring). ``overrides`` change single sizes,
+    e.g. ``filters=(16, 32, 64, 128)``, ``dense_dim=16``, ``levels=(2, 4)``,
+    ``head_filters=(16, 32)``, ``n_classes=3`` / ``class_names=(...)`` (semantic, lamella),
+    ``patch_size=(64, 64, 64)`` (voxels, z y x), ``voxel_size=10.0`` (Å).
+    """
+    if task not in TASKS:
+        raise ValueError(f"task={task!r}: expected one of {', '.join(TASKS)}")
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r}: expected one of {', '.join(PRESETS)}")
+    p = copy.deepcopy(PRESETS[preset])
+    valid = _override_names(task)
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"build({task!r}): unknown override(s) {unknown}; valid for this task: {sorted(valid)}"
+        )
+    sub = task == "subtomo_ssl"
+    config: dict[str, Any] = {"task": task, "preset": preset}
+    net = p["subtomo"] if sub else p["backbone"]
+    heads = p["heads"]
+    n_classes = None
+    class_names = None
+    patch = [p["subtomo_box"]] * 3 if sub else p["patch_size"]
+    voxel_size = None
+    for key, val in overrides.items():
+        where = valid[key]
+        if key in ("head_filters", "head_kernel_size"):
+            heads[key.removeprefix("head_")] = _plain(val)
+        elif key == "n_classes":
+            n_classes = int(val)
+        elif key == "class_names":
+            class_names = [str(c) for c in val]
+        elif key == "patch_size":
+            patch = _patch(val)
+        elif key == "voxel_size":
+            voxel_size = None if val is None else float(val)
+        elif where in ("backbone", "subtomo"):
+            net[key] = _plain(val)
+    if task in ("semantic", "lamella"):
+        if class_names is not None and n_classes is not None and len(class_names) != n_classes:
+            raise ValueError(f"class_names has {len(class_names)} names but n_classes={n_classes}")
+        if class_names is None:
+            default_n = n_classes or (2 if task == "lamella" else len(_FALLBACK_SEMANTIC))
+            class_names = list(default_class_names(task, default_n) or ())
+        n_classes = len(class_names)
+        heads["out_channels"] = n_classes
+    config["subtomo" if sub else "backbone"] = net
+    if task in HEAD_LAYOUTS:
+        config["heads"] = heads
+    config["patch_size"] = list(patch)
+    config["voxel_size"] = voxel_size
+    config["class_names"] = class_names
+    return build_from_config(config)
+
+
+def build_from_config(
+    config: dict[str, Any], metadata: dict[str, Any] | None = None
+) -> CryoSiamModel:
+    """Rebuild a model from ``model.config`` (as stored in checkpoints)."""
+    task = config.get("task")
+    if task not in TASKS:
+        raise ValueError(f"config task={task!r}: expected one of {TASKS}")
+    config = copy.deepcopy(config)
+    if task == "subtomo_ssl":
+        backbone: Any = SimSiam(**config["subtomo"])
+    else:
+        backbone = DenseSimSiam(**config["backbone"])
+    heads = None
+    if task in HEAD_LAYOUTS:
+        h = config["heads"]
+        heads = TaskHeads(
+            task,
+            in_channels=config["backbone"]["dense_dim"],
+            filters=tuple(h["filters"]),
+            n_classes=h.get("out_channels"),
+            kernel_size=int(h.get("kernel_size", 3)),
+        )
+    model = CryoSiamModel(
+        task,
+        backbone,
+        heads,
+        config=config,
+        patch_size=config["patch_size"],
+        voxel_size=config.get("voxel_size"),
+        class_names=config.get("class_names"),
+        metadata=metadata,
+    )
+    # Channels-last weights pair with channels-last activations (oneDNN on CPU, cuDNN on GPU).
+    return model.to(memory_format=torch.channels_last_3d)
+
+
+def _plain(val: Any) -> Any:
+    if isinstance(val, tuple | list):
+        return [_plain(v) for v in val]
+    return val
+
+
+def _patch(val: Any) -> list[int]:
+    if isinstance(val, int):
+        val = (val, val, val)
+    out = [int(v) for v in val]
+    if len(out) != 3 or min(out) < 8:
+        raise ValueError(f"patch_size={val!r}: need 3 sizes (z, y, x) of at least 8 voxels")
+    return out

@@ -67,10 +67,7 @@ def run_demo(
         shape = (64, 128, 128) if fast else (96, 192, 192)
         simulation = sim.simulate(shape, voxel_size=10.0, sample="general", seed=seed, mode="tilt")
         truth = simulation.volumes
-        raw = simulation.raw_noisy() if callable(getattr(simulation, "raw_noisy", None)) else None
-        if raw is None:
-            raw = -truth["noisy"]
-        raw = raw.assign_attrs(voxel_size=float(truth.attrs["voxel_size"]))
+        raw = simulation.raw_noisy.assign_attrs(voxel_size=float(truth.attrs["voxel_size"]))
         io.write(raw, out / "tomogram.mrc", overwrite=True)
         simulation.particles.to_csv(out / "ground_truth_particles.csv", index=False)
         mrc, invert, name = out / "tomogram.mrc", True, "simulated"

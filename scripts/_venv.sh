@@ -10,7 +10,12 @@ want="$(cat pyproject.toml | sha256sum | cut -c1-16)"
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
   echo "== setting up $VENV (first run takes a few minutes) =="
   "$PY" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+  if ! "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[dev]" \
+      2> "$VENV/pip-install.log"; then
+    grep -v "is ignored: it is neither a file" "$VENV/pip-install.log" >&2 || true
+    echo "pip install failed (full log: $VENV/pip-install.log)" >&2
+    exit 1
+  fi
   echo "$want" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"

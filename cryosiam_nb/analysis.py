@@ -32,6 +32,7 @@ __all__ = [
     "knn_classifier",
     "mlp_classifier",
     "evaluate_classifier",
+    "train_test_ids",
     "ParticleClassifier",
     "cluster",
     "subcluster",
@@ -375,6 +376,38 @@ def mlp_classifier(
     return ParticleClassifier(est, use, labels_key, [str(c) for c in est.classes_], params)
 
 
+def train_test_ids(
+    particles: Particles, labels_key: str = "species", test_size: float = 0.3, seed: int = 0
+) -> tuple[list[str], list[str]]:
+    """Seeded, stratified split of the labelled particles into (train ids, held-out ids).
+
+    Uses ``sklearn.model_selection.train_test_split(stratify=labels)``; the same arguments
+    give the split :func:`evaluate_classifier` uses, e.g. to train contrastive refinement on
+    the training part only.
+    """
+    from sklearn.model_selection import train_test_split  # noqa: PLC0415
+
+    particles = _check_particles(particles, "train_test_ids")
+    if labels_key not in particles.obs.columns:
+        raise InputError(f"train_test_ids: obs has no label column {labels_key!r}")
+    labelled = particles.obs[labels_key].notna().to_numpy()
+    pos = np.flatnonzero(labelled)
+    y_all = particles.obs[labels_key].to_numpy()[pos].astype(str)
+    counts = pd.Series(y_all).value_counts()
+    if len(counts) < 2:
+        raise InputError(f"train_test_ids: need ≥ 2 classes in obs[{labels_key!r}]")
+    if counts.min() < 2:
+        raise InputError(
+            f"train_test_ids: classes with a single particle cannot be split: "
+            f"{counts[counts < 2].index.tolist()}"
+        )
+    train_pos, test_pos = train_test_split(
+        pos, test_size=test_size, random_state=int(seed), stratify=y_all
+    )
+    ids = particles.obs.index
+    return ids[np.sort(train_pos)].tolist(), ids[np.sort(test_pos)].tolist()
+
+
 def evaluate_classifier(
     particles: Particles,
     method: str = "knn",
@@ -394,27 +427,15 @@ def evaluate_classifier(
     accuracy, support), plus ``test_ids`` and ``predictions``.
     """
     from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support  # noqa: PLC0415
-    from sklearn.model_selection import train_test_split  # noqa: PLC0415
 
     particles = _check_particles(particles, "evaluate_classifier")
     if method not in ("knn", "mlp"):
         raise InputError(f"evaluate_classifier: method must be 'knn' or 'mlp', got {method!r}")
     if labels_key not in particles.obs.columns:
         raise InputError(f"evaluate_classifier: obs has no label column {labels_key!r}")
-    labelled = particles.obs[labels_key].notna().to_numpy()
-    pos = np.flatnonzero(labelled)
-    y_all = particles.obs[labels_key].to_numpy()[pos].astype(str)
-    counts = pd.Series(y_all).value_counts()
-    if len(counts) < 2:
-        raise InputError(f"evaluate_classifier: need ≥ 2 classes in obs[{labels_key!r}]")
-    if counts.min() < 2:
-        raise InputError(
-            f"evaluate_classifier: classes with a single particle cannot be split: "
-            f"{counts[counts < 2].index.tolist()}"
-        )
-    train_pos, test_pos = train_test_split(
-        pos, test_size=test_size, random_state=int(seed), stratify=y_all
-    )
+    train_ids, test_ids = train_test_ids(particles, labels_key, test_size, seed)
+    train_pos = particles.obs.index.get_indexer(train_ids)
+    test_pos = particles.obs.index.get_indexer(test_ids)
     train_mask = np.zeros(len(particles), dtype=bool)
     train_mask[train_pos] = True
     if method == "knn":

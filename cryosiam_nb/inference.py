@@ -189,8 +189,10 @@ class _Runner:
             if m is None:
                 params = list(self.model.parameters()) + list(self.model.buffers())
                 on_dev = all(p.device == dev for p in params)
-                m = self.model if on_dev else copy.deepcopy(self.model).to(dev)
-                m.eval()
+                if on_dev and not self.model.training:
+                    m = self.model  # used as is: no copy of the weights
+                else:  # never move or switch the caller's own model
+                    m = copy.deepcopy(self.model).to(dev).eval()
                 _MODEL_CACHE[k] = m
                 while len(_MODEL_CACHE) > _CACHE_SIZE:
                     _MODEL_CACHE.popitem(last=False)
@@ -204,6 +206,12 @@ class _Runner:
                 out = {"embedding": model.backbone(x)}
             else:
                 out = model(x)
+        missing = [name for name, _ in self.heads if name not in out]
+        if missing:
+            raise InputError(
+                f"model: task {self.task!r} needs outputs {missing}, the model returned "
+                f"{sorted(out)}"
+            )
         return torch.cat([out[name].float() for name, _ in self.heads], dim=1)
 
     def count_map(self, shape: tuple[int, ...]) -> np.ndarray:
@@ -354,7 +362,12 @@ def _as_dask(arr: xr.DataArray, chunks: tuple[int, int, int]) -> da.Array:
 
 
 def _model_heads(model: torch.nn.Module, task: str, patch: tuple[int, int, int]) -> tuple:
-    """Run the model once on an empty patch to learn each head's channel count."""
+    """Channels of each head, from the model's attributes or, if needed, one dry run."""
+    if task in ("denoise", "instance"):
+        return tuple((name, 1) for name in _FIXED_HEADS[task])
+    names = getattr(model, "class_names", None)
+    if task in ("semantic", "lamella") and names:
+        return tuple((name, len(names)) for name in _FIXED_HEADS[task])
     try:
         dev = next(iter(model.parameters())).device
     except StopIteration:
@@ -369,9 +382,9 @@ def _model_heads(model: torch.nn.Module, task: str, patch: tuple[int, int, int])
         model.train(was_training)
     if not isinstance(out, Mapping):
         raise InputError(f"model: forward must return a dict of head outputs, got {type(out)}")
-    names = ("embedding",) if task == "dense_ssl" else _FIXED_HEADS[task]
+    wanted = ("embedding",) if task == "dense_ssl" else _FIXED_HEADS[task]
     heads = []
-    for name in names:
+    for name in wanted:
         if name not in out:
             raise InputError(
                 f"model: task {task!r} needs output {name!r}, the model returned {sorted(out)}"

@@ -10,7 +10,7 @@ Arrays are (z, y, x); voxel sizes and coordinates in Å; particle centres in vox
 """
 
 from .core import MODES, SAMPLES, SEMANTIC_CLASSES, Simulation, simulate
-from .dataset import read_dataset, write_dataset
+from .dataset import dataset_table, read_dataset, write_dataset
 from .shapes import KDA_CATEGORIES, SIZE_CATEGORIES, SPECIES, size_category, species_table
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "Simulation",
     "write_dataset",
     "read_dataset",
+    "dataset_table",
     "SEMANTIC_CLASSES",
     "SIZE_CATEGORIES",
     "KDA_CATEGORIES",

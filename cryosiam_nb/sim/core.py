@@ -72,12 +72,15 @@ class Simulation:
         Tilt mode only (``None`` in fast mode): ``xarray.Dataset`` with ``clean``
         (noise-free CTF-modulated contrast images) and ``noisy`` (with shot noise), dims
         (tilt, y, x), coordinate ``tilt`` in degrees; raw contrast (protein dark).
+    name
+        Tomogram name when read back from a dataset folder (``read_dataset``).
     """
 
     volumes: xr.Dataset
     particles: pd.DataFrame
     params: dict[str, Any] = field(default_factory=dict)
     tilt_series: xr.Dataset | None = None
+    name: str | None = None
 
     @property
     def voxel_size(self) -> float:
@@ -140,6 +143,8 @@ class Simulation:
             for var in VOLUME_VARIABLES:
                 name = f"{var}.{format}"
                 write(self.volumes[var], tmp / name)
+                if format == "mrc":
+                    _fixed_mrc_label(tmp / name)
                 files[var] = name
             table = f"particles.{table_format}"
             if table_format == "csv":
@@ -148,6 +153,15 @@ class Simulation:
                 self.particles.to_parquet(tmp / table, index=False)
             files["particles"] = table
         return files
+
+
+def _fixed_mrc_label(path: Path) -> None:
+    """Replace mrcfile's time-stamped header label so equal data give equal bytes."""
+    import mrcfile
+
+    with mrcfile.mmap(path, mode="r+") as mrc:
+        mrc.header.label[0] = b"cryosiam_nb.sim simulated tomogram".ljust(80)
+        mrc.header.nlabl = 1
 
 
 def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
@@ -273,6 +287,8 @@ def simulate(
         raise _error(f"defocus_um: must be a positive under-focus in µm, got {defocus_um!r}")
     if thickness_nm is not None and not thickness_nm > 0:
         raise _error(f"thickness_nm: must be positive (nm), got {thickness_nm!r}")
+    if crowding is not None and not 0 <= crowding <= 0.8:
+        raise _error(f"crowding: must be a volume fraction in [0, 0.8], got {crowding!r}")
     if orientation_pool is not None and int(orientation_pool) < 1:
         raise _error(f"orientation_pool: must be >= 1 or None, got {orientation_pool!r}")
 
@@ -339,7 +355,8 @@ def simulate(
                 coords={
                     "tilt": angles,
                     "y": np.arange(shape[1]) * voxel_size,
-                    "x": np.arange(shape[2]) * voxel_size,
+                    "x": (np.arange(ts["clean"].shape[2]) - (ts["clean"].shape[2] - shape[2]) / 2)
+                    * voxel_size,
                     "defocus_um": ("tilt", defoci),
                     "transmission": ("tilt", ts["transmission"]),
                 },

@@ -9,10 +9,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import xarray as xr
 
-from .core import SEMANTIC_CLASSES, VOLUME_VARIABLES, _error, simulate
+from .core import SEMANTIC_CLASSES, VOLUME_VARIABLES, Simulation, _error, simulate
 
-__all__ = ["write_dataset", "read_dataset", "MANIFEST"]
+__all__ = ["write_dataset", "read_dataset", "dataset_table", "MANIFEST"]
 
 MANIFEST = "manifest.json"
 
@@ -116,18 +117,16 @@ def write_dataset(
     return folder / MANIFEST
 
 
-def read_dataset(folder: str | Path) -> pd.DataFrame:
+def dataset_table(folder: str | Path) -> pd.DataFrame:
     """The manifest of a dataset written by :func:`write_dataset` as a table.
 
-    One row per tomogram: ``name, sample, seed, n_particles, defocus_um, thickness_nm``
-    and absolute paths ``clean, noisy, semantic, instances, lamella, particles``.
+    One row per tomogram: ``name, sample, seed, n_particles, defocus_um, thickness_nm,
+    voxel_size`` and absolute paths ``clean, noisy, semantic, instances, lamella,
+    particles``.
     """
-    path = Path(folder) / MANIFEST
-    if not path.exists():
-        raise _error(f"{path}: no manifest; is {folder} a dataset written by write_dataset?")
+    man = _manifest(folder)
+    rows = []
     try:
-        man = json.loads(path.read_text())
-        rows = []
         for t in man["tomograms"]:
             row = {
                 "name": t["name"],
@@ -141,6 +140,52 @@ def read_dataset(folder: str | Path) -> pd.DataFrame:
             for k, v in t["files"].items():
                 row[k] = str((Path(folder) / v).resolve())
             rows.append(row)
-    except (KeyError, TypeError, json.JSONDecodeError) as exc:
-        raise _error(f"{path}: malformed manifest ({exc})") from exc
+    except (KeyError, TypeError) as exc:
+        raise _error(f"{Path(folder) / MANIFEST}: malformed manifest ({exc})") from exc
     return pd.DataFrame(rows)
+
+
+def _manifest(folder: str | Path) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        raise _error(f"{path}: no manifest; is {folder} a dataset written by write_dataset?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise _error(f"{path}: malformed manifest ({exc})") from exc
+
+
+_LABEL_DTYPES = {"semantic": np.uint8, "instances": np.uint32, "lamella": np.uint8}
+
+
+def read_dataset(folder: str | Path) -> list[Simulation]:
+    """Open a dataset written by :func:`write_dataset` as a list of :class:`Simulation`.
+
+    Volumes are lazy (dask-backed, read with :func:`cryosiam_nb.io.read`); label volumes
+    get their integer dtypes back. ``Simulation.name`` is the tomogram's folder name and
+    ``params`` its manifest entry; ``tilt_series`` is ``None``.
+    """
+    from cryosiam_nb.io import read
+
+    folder = Path(folder)
+    out = []
+    for row in dataset_table(folder).to_dict("records"):
+        vs = float(row["voxel_size"])
+        arrays = {}
+        for var in VOLUME_VARIABLES:
+            da_ = read(row[var], voxel_size=vs, name=var)
+            if var in _LABEL_DTYPES:
+                da_ = da_.astype(_LABEL_DTYPES[var])
+            da_.attrs = {"voxel_size": vs}
+            arrays[var] = da_
+        ds = xr.Dataset(arrays, attrs={"voxel_size": vs, "sample": row["sample"]})
+        ds["semantic"].attrs["classes"] = list(SEMANTIC_CLASSES)
+        table = Path(row["particles"])
+        parts = pd.read_csv(table) if table.suffix == ".csv" else pd.read_parquet(table)
+        if "id" in parts:
+            parts["id"] = parts["id"].astype(np.uint32)
+        entry = next(t for t in _manifest(folder)["tomograms"] if t["name"] == row["name"])
+        out.append(
+            Simulation(volumes=ds, particles=parts, params=dict(entry["params"]), name=row["name"])
+        )
+    return out

@@ -36,6 +36,7 @@ __all__ = [
     "interaction_constant",
     "ctf",
     "tilt_projector",
+    "detector_width",
     "ramp_filter",
     "simulate_tilt_series",
     "weighted_back_projection",
@@ -86,6 +87,14 @@ def ctf(
     if bfactor:
         out = out * np.exp(-bfactor * k2 / 4)
     return out
+
+
+def detector_width(nz: int, nx: int, angles_deg: np.ndarray) -> int:
+    """Detector pixels (along x) that see the whole (z, x) extent of the volume at every tilt."""
+    th = np.deg2rad(np.asarray(angles_deg, dtype=np.float64))
+    w = np.max((nx - 1) * np.abs(np.cos(th)) + (nz - 1) * np.abs(np.sin(th)))
+    extra = max(0, int(np.ceil((w - (nx - 1)) / 2))) + 1  # same parity as nx: 0° is exact
+    return int(nx + 2 * extra)
 
 
 def tilt_projector(nz: int, nx: int, angles_deg: np.ndarray, n_det: int) -> sparse.csr_matrix:
@@ -190,13 +199,16 @@ def simulate_tilt_series(
 ) -> dict:
     """Project, apply a per-tilt CTF and Poisson noise.
 
+    The detector is wide enough (:func:`detector_width`) to see the whole volume at every
+    tilt, so the reconstruction has no truncation artefacts at the x edges.
+
     ``phase`` (z, y, x) in rad per voxel; ``defocus_a`` per tilt (Å); ``dose`` total
     electrons/Å² over the series (overrides ``snr``). Returns a dict with ``clean``
     (noise-free contrast images), ``noisy`` (normalised images − 1), ``snr`` (realised),
     ``dose_per_pixel`` (per tilt), ``transmission`` (per tilt) and ``projector``.
     """
     nz, ny, nx = phase.shape
-    n_t, n_det = len(angles_deg), nx
+    n_t, n_det = len(angles_deg), detector_width(nz, nx, angles_deg)
     if proj is None:
         proj = tilt_projector(nz, nx, angles_deg, n_det)
     p = _project(phase, proj, n_t, n_det)  # (n_t, ny, n_det)

@@ -229,8 +229,12 @@ def _build_species() -> dict[str, Species]:
             "tiny_dumbbell",
             G,
             25.0,
-            (_sphere((0, 0, 0), 2.4), _sphere((0.5, 0, 2.9), 1.6, 0.85)),
-            "two unequal lobes",
+            (
+                _sphere((0, 0, 0), 2.4),
+                _sphere((0.5, 0, 2.9), 1.6, 0.85),
+                _sphere((-1.2, 1.8, 0.6), 1.2, 0.8),
+            ),
+            "two unequal lobes and a side knob",
         ),
         Species(
             "tiny_hook",
@@ -286,6 +290,7 @@ def _build_species() -> dict[str, Species]:
                 _capsule((2.0, 4.5, 2.5), (2.2, 8.0, 5.5), 1.0, 0.9),  # DNA entry
                 _capsule((-2.0, 4.8, -2.0), (-2.5, 8.5, -4.0), 1.0, 0.9),  # DNA exit
                 _sphere((0.3, 5.3, 0.2), 1.6, 0.95),  # linker histone
+                _sphere((1.8, -3.0, 3.2), 2.0, 0.9),  # histone-tail bulge, one face only
             ),
             "histone disc with asymmetric DNA arms",
         ),

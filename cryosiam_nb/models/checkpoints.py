@@ -69,19 +69,20 @@ def load_checkpoint_dict(path: str | os.PathLike[str], trusted: bool = False) ->
         with torch.serialization.safe_globals(_safe_globals()):
             ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        try:
+            needed = torch.serialization.get_unsafe_globals_in_checkpoint(p)
+        except Exception:  # noqa: BLE001 - not a torch zip file at all
+            raise InputError(f"{p}: not a readable PyTorch checkpoint ({err})") from None
         if not trusted:
-            try:
-                needed = torch.serialization.get_unsafe_globals_in_checkpoint(p)
-            except Exception:  # noqa: BLE001 - only used to improve the message
-                needed = []
-            allowed = {n for g in _safe_globals() if isinstance(g, tuple) for n in [g[1]]}
-            needed = [n for n in needed if n not in allowed] or ["(see below)"]
+            allowed = {g[1] for g in _safe_globals() if isinstance(g, tuple)}
+            needed = [n for n in needed if n not in allowed] or ["see detail"]
+            detail = str(err).strip().splitlines()
             raise InputError(
                 f"{p}: refused to load — the checkpoint needs arbitrary pickled objects "
                 f"({', '.join(needed)}). Unpickling them can execute arbitrary code, so only "
                 "tensors and plain data are loaded by default. If you trust where this file "
                 "comes from, call load(..., trusted=True). Detail: "
-                f"{str(err).splitlines()[-1] if str(err) else err!r}"
+                f"{detail[-1] if detail else repr(err)}"
             ) from None
         ckpt = torch.load(p, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, OSError) as err:
@@ -186,6 +187,12 @@ def _plain(obj: Any, what: str) -> Any:
     raise InputError(f"save(): {what} value {obj!r} of type {type(obj).__name__} is not plain data")
 
 
+def _build_empty(config: dict[str, Any], metadata: dict[str, Any] | None) -> CryoSiamModel:
+    """Build the network without allocating or initialising weights (they are loaded next)."""
+    with torch.device("meta"):
+        return build_from_config(config, metadata=metadata)
+
+
 def _from_ours(ckpt: dict[str, Any], source: Path) -> CryoSiamModel:
     if ckpt.get("format_version", 0) > FORMAT_VERSION:
         raise InputError(
@@ -193,7 +200,7 @@ def _from_ours(ckpt: dict[str, Any], source: Path) -> CryoSiamModel:
             f"cryosiam_nb understands ({FORMAT_VERSION}); upgrade cryosiam_nb"
         )
     try:
-        model = build_from_config(ckpt["config"], metadata=ckpt.get("metadata"))
+        model = _build_empty(ckpt["config"], ckpt.get("metadata"))
     except (KeyError, TypeError, ValueError) as err:
         raise InputError(f"{source}: invalid model config in checkpoint ({err})") from None
     _load_state(model, ckpt["state_dict"], source, {"": ""})
@@ -390,7 +397,7 @@ def _from_lightning(ckpt: dict[str, Any], source: Path, task: str | None) -> Cry
     if summary:
         meta["data_summary"] = summary
     try:
-        model = build_from_config(config, metadata=meta)
+        model = _build_empty(config, meta)
     except (TypeError, ValueError) as err:
         raise InputError(
             f"{source}: cannot build the network from hyper_parameters ({err})"
@@ -444,7 +451,9 @@ def _load_state(
             f"{source}: checkpoint does not match the {model.task!r} network built from its "
             f"config — " + "; ".join(parts)
         )
-    model.load_state_dict({ours: sd[theirs] for theirs, ours in mapped.items()}, strict=True)
+    state = {ours: sd[theirs] for theirs, ours in mapped.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.to(memory_format=torch.channels_last_3d)
 
 
 # --------------------------------------------------------------------------- entry point

@@ -283,25 +283,29 @@ def _add_sheet(cv: _Canvas, rng) -> bool:
     perp2 = dz**2 + dy**2 + dx**2 - h**2
     s = h + 0.5 * curv * perp2
     hw = _membrane_half_width(cv)
-    near = np.abs(s) < hw + 2
+    r_patch = rng.uniform(60.0, 250.0)  # nm: a cisterna-like patch, not an endless plane
+    patch = perp2 < r_patch**2
+    near = (np.abs(s) < hw + 2) & patch
     if not near.any():
         return False
     idx = np.argwhere(near)
     sub = _box(idx.min(0), idx.max(0), cv.shape)
     s = s[sub]
     near = near[sub]
-    label = np.abs(s) < hw
-    occupy = np.abs(s) < hw + cv.vs_nm
+    patch = patch[sub]
+    label = (np.abs(s) < hw) & patch
+    occupy = (np.abs(s) < hw + cv.vs_nm) & patch
     dens = np.zeros(s.shape, np.float32)
     dens[near] = _bilayer(s[near], cv.vs_nm)
     return cv.paint(sub, dens, label, MEMBRANE, occupy)
 
 
-def _through_volume(cv: _Canvas, rng, tilt_sd=0.05) -> np.ndarray:
-    """Points (0.5 voxel apart) of a straight line through the lamella, volume-long."""
+def _through_volume(cv: _Canvas, rng, length_nm: float, tilt_sd=0.05) -> np.ndarray:
+    """Points (0.5 voxel apart) of a straight segment of ``length_nm`` in the lamella plane,
+    clipped to the volume (with a margin)."""
     c = cv.random_point_in_lamella(rng, margin=cv.nm(13))
     d = _in_plane_direction(rng, cv.lam.normal, tilt_sd)
-    half = float(np.linalg.norm(cv.shape))
+    half = cv.nm(length_nm) / 2
     t = np.arange(-half, half, 0.5)
     pts = c + t[:, None] * d
     inside = np.all((pts > -15) & (pts < np.array(cv.shape) + 15), axis=1)
@@ -309,7 +313,7 @@ def _through_volume(cv: _Canvas, rng, tilt_sd=0.05) -> np.ndarray:
 
 
 def _add_microtubule(cv: _Canvas, rng) -> bool:
-    pts = _through_volume(cv, rng, tilt_sd=0.03)
+    pts = _through_volume(cv, rng, rng.uniform(150.0, 800.0), tilt_sd=0.03)
     if len(pts) < 4:
         return False
     # gentle bending: WLC with a very long persistence length
@@ -541,7 +545,7 @@ def build_scene(
     ):
         n = _n_objects(rng, defaults[key], shape, vs_nm)
         done = 0
-        for _ in range(3 * n):
+        for _ in range(5 * n):
             if done >= n:
                 break
             done += bool(fn(cv, rng))

@@ -150,6 +150,14 @@ def test_size_touching_and_mask_filters():
     mask[:, :, 30:] = False
     out = segmentation.instances(maps, mask=mask, min_center_distance=0.5, progress=False)
     assert out.values.max() == 2 and (out.values[:, :, 30:] == 0).all()
+    # the same filters block-wise (3 × 2 × 2 blocks), ids made global across blocks
+    for kw in ({"touching": (sem, 1)}, {"mask": mask, "min_center_distance": 0.5}):
+        whole = segmentation.instances(maps, progress=False, **kw).values
+        blk = segmentation.instances(
+            maps, block_shape=(12, 12, 20), halo=8, progress=False, **kw
+        ).values
+        np.testing.assert_array_equal(blk > 0, whole > 0)
+        assert blk.max() == whole.max()
     with pytest.raises(InputError, match="missing"):
         segmentation.instances(maps.drop_vars("boundary"))
     with pytest.raises(InputError, match="boundary_bias"):
@@ -274,6 +282,23 @@ def test_subtomograms_are_centred_and_padded_at_borders():
     np.testing.assert_array_equal(
         segmentation.extract_subtomograms(lazy, table, box=box, progress=False), subs
     )
+
+    # only the chunks a box touches are read
+    class Recorder:
+        def __init__(self, a):
+            self.a, self.shape, self.dtype, self.ndim, self.reads = a, a.shape, a.dtype, 3, []
+
+        def __getitem__(self, key):
+            self.reads.append(key)
+            return self.a[key]
+
+    rec = Recorder(vol)
+    lazy = da.from_array(rec, chunks=(10, 10, 10), asarray=True)
+    segmentation.extract_subtomograms(lazy, table.iloc[:1], box=8, progress=False)
+    # a box of 8 centred at (15, 20, 25) spans z 11–18, y 16–23, x 21–28: 2 chunks, and
+    # dask reads just the box's voxels from them (plus an empty read for metadata)
+    sizes = [vol[k].size for k in rec.reads if vol[k].size]
+    assert len(sizes) == 2 and sum(sizes) == 8**3
     with pytest.raises(InputError, match="mask"):
         segmentation.extract_subtomograms(vol, table, mask="bogus")
     with pytest.raises(InputError, match="instances"):

@@ -100,9 +100,18 @@ def test_slices_interactive_delegates_to_the_viewer(simulation, monkeypatch):
     fake = types.ModuleType("cryosiam_nb.pl.viewer")
     fake.slice_viewer = fake_viewer
     monkeypatch.setitem(sys.modules, "cryosiam_nb.pl.viewer", fake)
-    out = pl.slices(simulation, variables=["noisy"], interactive=True)
+    out = pl.slices(simulation, interactive=True, width=300)
     assert out == "viewer"
-    assert calls["data"] is simulation and calls["kw"] == {"variables": ["noisy"]}
+    assert calls["data"].name == "noisy"
+    assert set(calls["kw"]["overlays"]) == {"semantic", "instances", "lamella"}
+    assert calls["kw"]["width"] == 300
+    assert len(calls["kw"]["particles"]) == len(simulation.particles)
+    pl.slices(
+        simulation.volumes["clean"],
+        overlays={"s": simulation.volumes["semantic"]},
+        interactive=True,
+    )
+    assert calls["data"].name == "clean" and list(calls["kw"]["overlays"]) == ["s"]
 
 
 def test_orthoslices_cut_through_the_requested_voxel():

@@ -160,8 +160,10 @@ def slices(
         Grey map for images, label opacity, and the display range of images (percentiles of
         the shown slice).
     interactive
-        Hand over to the interactive viewer ``cryosiam_nb.pl.viewer.slice_viewer`` (Panel)
-        with the same data and options.
+        Hand over to the interactive viewer ``cryosiam_nb.pl.viewer.slice_viewer`` (Panel):
+        the image variable (``noisy`` when shown, else the first image) with the label
+        variables (or ``overlays``) as overlays and a Simulation's particles as markers;
+        extra keyword arguments go to the viewer.
 
     Returns
     -------
@@ -170,14 +172,7 @@ def slices(
         ``voxel_size``, else in voxels.
     """
     if interactive:
-        from cryosiam_nb.pl.viewer import slice_viewer
-
-        opts = dict(kwargs)
-        if overlays is not None:
-            opts["overlays"] = overlays
-        if variables is not None:
-            opts["variables"] = variables
-        return slice_viewer(data, **opts)
+        return _interactive(data, overlays, variables, **kwargs)
     if kwargs:
         raise _error(f"slices: unexpected arguments {sorted(kwargs)}")
     if axis not in DIMS:
@@ -261,6 +256,40 @@ def slices(
     fig.suptitle(title or f"{axis} = {index_used}", fontsize=11)
     fig.tight_layout()
     return fig
+
+
+def _interactive(data: Any, overlays: Any, variables: Sequence[str] | None, **kwargs: Any) -> Any:
+    """Translate ``slices`` arguments for ``cryosiam_nb.pl.viewer.slice_viewer``: one image
+    volume, label volumes as overlays, and a Simulation's particle table as markers."""
+    from cryosiam_nb.pl.viewer import slice_viewer
+
+    ds, arr = _as_dataset(data)
+    if ds is None:
+        opts = dict(kwargs)
+        if overlays is not None:
+            opts["overlays"] = overlays
+        return slice_viewer(arr, **opts)
+    names = (
+        list(variables)
+        if variables is not None
+        else [v for v in DEFAULT_VARIABLES if v in ds.data_vars]
+        or [v for v in ds.data_vars if ds[v].ndim == 3]
+    )
+    missing = [v for v in names if v not in ds.data_vars]
+    if missing:
+        raise _error(f"variables: {missing} not in the data (has {sorted(map(str, ds.data_vars))})")
+    images = [v for v in names if not _is_label(ds[v])]
+    if not images:
+        raise _error(f"variables: the viewer needs an image volume among {names}")
+    image = "noisy" if "noisy" in images else images[0]
+    labels = list(overlays) if overlays is not None else [v for v in names if _is_label(ds[v])]
+    opts = dict(kwargs)
+    if labels:
+        opts["overlays"] = {v: ds[v] for v in labels}
+    table = getattr(data, "particles", None)
+    if isinstance(table, pd.DataFrame) and "id" in table and "particles" not in opts:
+        opts["particles"] = table.set_index("id")
+    return slice_viewer(ds[image], **opts)
 
 
 def orthoslices(

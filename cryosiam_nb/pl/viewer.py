@@ -64,6 +64,14 @@ INSTANCE_COLORS = (
 )
 
 
+def ensure_bokeh() -> None:
+    """Load the HoloViews bokeh backend once (needed before building plots / options)."""
+    if "bokeh" not in hv.Store.renderers:
+        hv.extension("bokeh")
+    elif hv.Store.current_backend != "bokeh":
+        hv.Store.set_current_backend("bokeh")
+
+
 def _input_error(msg: str) -> ValueError:
     try:
         from cryosiam_nb.io import InputError
@@ -325,13 +333,24 @@ class SliceViewer(param.Parameterized):
         )
         return base * sel * foc
 
+    def _frame_size(self, view: str) -> tuple[int, int]:
+        """Screen size (px) of a view: xy is ``width`` wide; xz shares its width, yz its height."""
+        nz, ny, nx = self.shape
+        w_xy = self.width
+        h_xy = int(round(w_xy * ny / nx))
+        if h_xy > 1.2 * w_xy:  # tall tomograms: limit the height instead
+            h_xy = int(1.2 * w_xy)
+            w_xy = int(round(h_xy * nx / ny))
+        if view == "xy":
+            return w_xy, h_xy
+        if view == "xz":
+            return w_xy, max(60, int(round(w_xy * nz / nx)))
+        return max(60, int(round(h_xy * nz / ny))), h_xy
+
     def _view(self, view: str) -> hv.Overlay:
         streams_img = [hv.streams.Params(self, ["z", "y", "x", "contrast"])]
         img = hv.DynamicMap(lambda **kw: self._image(view, **kw), streams=streams_img)
-        h, v, _, _ = self._axes(view)
-        aspect = len(v) / max(len(h), 1)
-        width = self.width if view == "xy" else max(200, self.width // 2)
-        height = max(120, int(round(width * aspect)))
+        width, height = self._frame_size(view)
         plot = rasterize(img, aggregator="mean", precompute=True).opts(
             cmap=self.cmap,
             colorbar=False,
@@ -373,6 +392,7 @@ class SliceViewer(param.Parameterized):
     # ------------------------------------------------------------------ layout
     def plots(self) -> dict[str, hv.Overlay]:
         """HoloViews objects of the views (xy, and xz / yz when ``orthogonal``)."""
+        ensure_bokeh()
         views = ["xy", "xz", "yz"] if self.orthogonal else ["xy"]
         return {v: self._view(v) for v in views}
 
@@ -416,8 +436,8 @@ class SliceViewer(param.Parameterized):
         if self._layout is None:
             plots = self.plots()
             panes = [pn.pane.HoloViews(p, linked_axes=False) for p in plots.values()]
-            if len(panes) == 3:
-                views = pn.Column(panes[0], pn.Row(panes[1], panes[2]))
+            if len(panes) == 3:  # xy | yz on top, xz below xy (axes line up)
+                views = pn.Column(pn.Row(panes[0], panes[2]), panes[1])
             else:
                 views = panes[0]
             self._layout = pn.Row(self.controls(), views, css_classes=["cs-slice-viewer"])

@@ -467,7 +467,7 @@ def instances(
     average_edt: bool = False,
     distance_scale: float = DISTANCE_SCALE,
     sigma: float = 0.5,
-    block_shape: int | Sequence[int] | None = "auto",  # type: ignore[assignment]
+    block_shape: str | int | Sequence[int] | None = "auto",
     halo: int = 24,
     out: str | os.PathLike[str] | None = None,
     progress: bool = True,
@@ -478,8 +478,9 @@ def instances(
     ----------
     maps
         ``xarray.Dataset`` with dims (z, y, x) and variables ``foreground``, ``boundary``
-        (probabilities in [0, 1]) and ``distance`` (signed distance to the background as the
-        network predicts it through tanh; multiplied by ``distance_scale`` to get voxels).
+        (probabilities in [0, 1]) and ``distance`` (signed distance to the background in
+        network units: the instance head is trained on :func:`maps_from_labels` targets, in
+        [0, 1] with 1 ≙ 5 voxels; multiplied by ``distance_scale`` to get voxels).
         numpy- or dask-backed (e.g. the lazy output of ``tl.predict``).
     threshold_foreground
         Foreground probability threshold (release range 0.4–0.65).
@@ -501,8 +502,8 @@ def instances(
     average_edt
         Average the distance with the EDT of the thresholded foreground (clipped [0, 5]).
     distance_scale
-        Voxels per unit of ``maps.distance`` (5: the network's tanh output ±1 ≙ ±5 voxels).
-        Use 1 for a distance already in voxels.
+        Voxels per unit of ``maps.distance`` (5: a predicted 1 ≙ 5 voxels, the clip of the
+        training targets). Use 1 for a distance already in voxels.
     sigma
         Gaussian smoothing of foreground and distance (voxels).
     block_shape, halo

@@ -469,6 +469,10 @@ def _place_particles(
             cand[use] = (a + off)[use]
         cand = np.rint(cand).astype(int).reshape(n, max_tries, 3)
         ok_all = np.all((cand >= lo) & (cand <= hi), axis=2)
+        # the centre voxel is always inside the particle, and occupancy only grows: a
+        # candidate whose centre is already occupied can never fit
+        cc = np.clip(cand, 0, shape - 1)
+        ok_all &= ~occupied[cc[..., 0], cc[..., 1], cc[..., 2]]
         for k in range(n):
             j = which[k]
             m, hal = masks[j], halos[j]

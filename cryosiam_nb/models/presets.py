@@ -39,6 +39,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "dense_pred_dim": 4,
             "levels": [2],
             "encoder_fc": False,
+            "no_max_pool": True,
         },
         "subtomo": {
             "in_channels": 1,
@@ -48,6 +49,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "conv1_kernel": 7,
             "dim": 64,
             "pred_dim": 16,
+            "no_max_pool": True,
         },
         "heads": {"filters": [8, 16], "kernel_size": 3},
         "patch_size": [32, 32, 32],
@@ -67,6 +69,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "dense_pred_dim": 16,
             "levels": [2],
             "encoder_fc": False,
+            "no_max_pool": True,
         },
         "subtomo": {
             "in_channels": 1,
@@ -76,6 +79,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "conv1_kernel": 7,
             "dim": 1024,
             "pred_dim": 256,
+            "no_max_pool": True,
         },
         "heads": {"filters": [32, 64], "kernel_size": 3},
         "patch_size": [128, 128, 128],

@@ -364,6 +364,21 @@ def _read(arr: Any, sl: tuple[slice, ...]) -> np.ndarray:
     return _np(arr[sl])
 
 
+def _read_many(arrays: Sequence[Any], sl: tuple[slice, ...]) -> list[np.ndarray | None]:
+    """Read the same window of several arrays in one dask compute.
+
+    The maps of ``tl.predict`` come from one model pass, so computing them together runs
+    the network once per window instead of once per variable. ``None`` entries stay None.
+    """
+    parts = [None if a is None else a[sl] for a in arrays]
+    lazy = [i for i, a in enumerate(parts) if isinstance(a, da.Array)]
+    if lazy:
+        done = da.compute(*[parts[i] for i in lazy])
+        for i, v in zip(lazy, done):
+            parts[i] = v
+    return [None if a is None else np.asarray(a) for a in parts]
+
+
 def _blockwise(
     fg: Any,
     bd: Any,
@@ -392,8 +407,8 @@ def _blockwise(
         ext = tuple(
             slice(max(c.start - halo, 0), min(c.stop + halo, s)) for c, s in zip(core, shape)
         )
-        m = _read(mask, ext).astype(bool) if mask is not None else None
-        lab = _segment_block(_read(fg, ext), _read(bd, ext), _read(dist, ext), m, p)
+        f_, b_, d_, m = _read_many((fg, bd, dist, mask), ext)
+        lab = _segment_block(f_, b_, d_, None if m is None else m.astype(bool), p)
         inner = tuple(slice(c.start - e.start, c.stop - e.start) for c, e in zip(core, ext))
         core_lab, fw, _ = relabel_sequential(lab[inner])
         core_lab = core_lab.astype(np.uint32)
@@ -603,7 +618,8 @@ def instances(
         store = np.zeros(shape, np.uint32)
     try:
         if block_shape is None:
-            lab = _segment_block(_np(fg), _np(bd), _np(dist), None if m is None else _np(m), p)
+            f_, b_, d_, m_ = _read_many((fg, bd, dist, m), tuple(slice(0, n) for n in shape))
+            lab = _segment_block(f_, b_, d_, None if m_ is None else m_.astype(bool), p)
             store[...] = lab
             counts = _label_counts(lab)
             pairs: list[tuple[int, int]] = []

@@ -128,6 +128,7 @@ def read(
     chunks: Any = "auto",
     name: str | None = None,
     check_values: bool = True,
+    dtype: Any = np.float32,
 ) -> xr.DataArray:
     """Open a tomogram lazily as a dask-backed ``DataArray`` with dims (z, y, x).
 
@@ -143,6 +144,9 @@ def read(
         Dask chunks in voxels (z, y, x); ``"auto"`` uses up to 64×256×256.
     check_values
         Sample up to ~1 M voxels and refuse a volume with no finite values.
+    dtype
+        Element type of the returned array (default float32); ``None`` keeps the file's
+        own type, e.g. for label volumes.
 
     Raises
     ------
@@ -180,8 +184,8 @@ def read(
     d = da.from_array(
         arr, chunks=_normalise_chunks(chunks, arr.shape), asarray=False, name=token, lock=False
     )
-    if d.dtype != np.float32:
-        d = d.astype(np.float32)
+    if dtype is not None and d.dtype != np.dtype(dtype):
+        d = d.astype(dtype)
     out = xr.DataArray(
         d, dims=DIMS, name=name or p.stem, attrs={"voxel_size": vs, "source": str(p)}
     )
@@ -383,6 +387,9 @@ def _write_mrc(src: da.Array, tmp: Path, voxel_size: float, progress: bool) -> N
         dtype = np.dtype(np.int16)
     with mrcfile.new_mmap(tmp, shape=src.shape, mrc_mode=_mrc_mode(dtype), overwrite=True) as m:
         m.voxel_size = voxel_size
+        # A fixed label (mrcfile's default carries a time stamp) keeps output reproducible.
+        m.header.label[0] = b"cryosiam_nb"
+        m.header.nlabl = 1
         writer = _MrcBlockWriter(m.data)
         data = src.astype(m.data.dtype)
         if progress:

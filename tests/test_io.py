@@ -187,3 +187,18 @@ def test_mrc_volume_pickles_without_data(write_mrc, rng):
     blob = pickle.dumps(t.data)
     assert len(blob) < 8 * 16 * 16 * 4  # the graph carries the path, not the voxels
     np.testing.assert_array_equal(pickle.loads(blob).compute(), t.values)
+
+
+def test_mrc_output_is_byte_identical_for_same_input(tmp_path, rng):
+    arr = io.as_dataarray(rng.normal(size=(4, 6, 8)).astype(np.float32), voxel_size=4.0)
+    a = io.write(arr, tmp_path / "a.mrc").read_bytes()
+    b = io.write(arr, tmp_path / "b.mrc").read_bytes()
+    assert a == b
+
+
+def test_label_volume_keeps_integer_dtype_when_asked(tmp_path):
+    labels = np.zeros((4, 6, 8), np.uint16)
+    labels[1, 2, 3] = 7
+    io.write(io.as_dataarray(labels, voxel_size=4.0), tmp_path / "l.mrc")
+    back = io.read(tmp_path / "l.mrc", dtype=None)
+    assert back.dtype == np.uint16 and int(back[1, 2, 3]) == 7

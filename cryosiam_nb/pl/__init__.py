@@ -8,11 +8,11 @@ from importlib import import_module
 from typing import Any
 
 _WHERE = {
-    "slices": "cryosiam_nb.pl.slices",
-    "orthoslices": "cryosiam_nb.pl.slices",
+    "slices": "cryosiam_nb.pl.static",
+    "orthoslices": "cryosiam_nb.pl.static",
     "slice_viewer": "cryosiam_nb.pl.viewer",
     "explorer": "cryosiam_nb.pl.explorer",
-    "loss_curves": "cryosiam_nb.pl.slices",
+    "loss_curves": "cryosiam_nb.pl.static",
 }
 
 

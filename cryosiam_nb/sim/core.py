@@ -116,7 +116,7 @@ class Simulation:
 
     def plot(self, **kwargs: Any):
         """Quick look: clean / noisy / semantic / instances side by side (``pl.slices``)."""
-        from cryosiam_nb.pl.slices import slices
+        from cryosiam_nb.pl.static import slices
 
         return slices(self, **kwargs)
 

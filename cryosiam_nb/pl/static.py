@@ -7,8 +7,6 @@ slices shown are read from (possibly dask-backed, larger-than-memory) volumes.
 
 from __future__ import annotations
 
-import sys
-import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -426,18 +424,3 @@ def loss_curves(
         ax.set_title(title)
     fig.tight_layout()
     return fig
-
-
-class _CallableModule(types.ModuleType):
-    """``cryosiam_nb.pl.slices`` is both this module and the function ``slices``.
-
-    Once the sub-module is imported, Python binds ``cryosiam_nb.pl.slices`` to the module,
-    shadowing the package's lazy re-export of the function; making the module callable
-    keeps ``pl.slices(data, ...)`` working either way.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Figure | Any:
-        return slices(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -272,7 +272,9 @@ def _spread_sparse(img: Any, max_px: int = 3) -> Any:
     from scipy import ndimage  # noqa: PLC0415
 
     packed = np.asarray(img.data, dtype=np.uint32)
-    filled = float(np.count_nonzero(packed)) / max(packed.size, 1)
+    opaque = (packed >> 24) != 0  # empty pixels have alpha 0 (but may carry a colour)
+    packed = np.where(opaque, packed, np.uint32(0))
+    filled = float(np.count_nonzero(opaque)) / max(packed.size, 1)
     px = 3 if filled < 0.01 else 2 if filled < 0.05 else 1 if filled < 0.2 else 0
     px = min(px, int(max_px))
     if px == 0:
@@ -280,7 +282,7 @@ def _spread_sparse(img: Any, max_px: int = 3) -> Any:
     yy, xx = np.mgrid[-px : px + 1, -px : px + 1]
     grown = ndimage.maximum_filter(packed, footprint=(yy**2 + xx**2) <= px * px + 1)
     out = img.copy()
-    out.data = np.where(packed != 0, packed, grown)
+    out.data = np.where(opaque, packed, grown)
     return out
 
 
@@ -942,53 +944,51 @@ class Explorer(param.Parameterized):
 
     def _build_widgets(self) -> dict[str, Any]:
         w: dict[str, Any] = {}
-        w["color_by"] = pn.widgets.Select.from_param(self.param.color_by, name="colour by")
+        w["color_by"] = pn.widgets.Select.from_param(self.param.color_by, label="colour by")
         w["clusters"] = pn.widgets.MultiSelect(
-            name="clusters", options=self.clusters(), size=6, css_classes=["cs-clusters"]
+            label="clusters", options=self.clusters(), size=6, css_classes=["cs-clusters"]
         )
-        w["name"] = pn.widgets.TextInput(name="new name / merge into", placeholder="e.g. ribosome")
-        w["note"] = pn.widgets.TextInput(name="annotation", placeholder="e.g. 80S ribosome?")
-        w["rename"] = pn.widgets.Button(name="Rename", css_classes=["cs-rename"])
-        w["annotate"] = pn.widgets.Button(name="Annotate", css_classes=["cs-annotate"])
+        w["name"] = pn.widgets.TextInput(label="new name / merge into", placeholder="e.g. ribosome")
+        w["note"] = pn.widgets.TextInput(label="annotation", placeholder="e.g. 80S ribosome?")
+        w["rename"] = pn.widgets.Button(label="Rename", css_classes=["cs-rename"])
+        w["annotate"] = pn.widgets.Button(label="Annotate", css_classes=["cs-annotate"])
         w["merge"] = pn.widgets.Button(
-            name="Merge clusters", button_type="primary", css_classes=["cs-merge"]
+            label="Merge clusters", color="primary", css_classes=["cs-merge"]
         )
-        w["k"] = pn.widgets.IntInput(name="split into k (0 = auto)", value=0, start=0, end=50)
-        w["split"] = pn.widgets.Button(name="Split selection", css_classes=["cs-split"])
+        w["k"] = pn.widgets.IntInput(label="split into k (0 = auto)", value=0, start=0, end=50)
+        w["split"] = pn.widgets.Button(label="Split selection", css_classes=["cs-split"])
         w["exclude"] = pn.widgets.Button(
-            name="Exclude selection", button_type="warning", css_classes=["cs-exclude"]
+            label="Exclude selection", color="warning", css_classes=["cs-exclude"]
         )
-        w["include"] = pn.widgets.Button(name="Include selection", css_classes=["cs-include"])
+        w["include"] = pn.widgets.Button(label="Include selection", css_classes=["cs-include"])
         w["select_clusters"] = pn.widgets.Button(
-            name="Select clusters", css_classes=["cs-select-clusters"]
+            label="Select clusters", css_classes=["cs-select-clusters"]
         )
-        w["undo"] = pn.widgets.Button(name="Undo", button_type="danger", css_classes=["cs-undo"])
+        w["undo"] = pn.widgets.Button(label="Undo", color="danger", css_classes=["cs-undo"])
         w["scope"] = pn.widgets.RadioButtonGroup(
-            name="export", options=["selection", "clusters", "all"], value="selection"
+            label="export", options=["selection", "clusters", "all"], value="selection"
         )
-        w["format"] = pn.widgets.Select(name="format", options=list(EXPORT_FORMATS))
+        w["format"] = pn.widgets.Select(label="format", options=list(EXPORT_FORMATS))
         w["path"] = pn.widgets.TextInput(
-            name="export path", value=self.export_path, css_classes=["cs-export-path"]
+            label="export path", value=self.export_path, css_classes=["cs-export-path"]
         )
-        w["export"] = pn.widgets.Button(
-            name="Export", button_type="success", css_classes=["cs-export"]
-        )
+        w["export"] = pn.widgets.Button(label="Export", color="success", css_classes=["cs-export"])
         w["download"] = pn.widgets.FileDownload(
             callback=self._download, filename="selection.star", label="Download export"
         )
         w["save_path"] = pn.widgets.TextInput(
-            name="save curated particles to",
+            label="save curated particles to",
             value=str(Path(self.export_path).with_name("particles_curated.zarr")),
         )
-        w["save"] = pn.widgets.Button(name="Save particles", css_classes=["cs-save"])
-        w["prev"] = pn.widgets.Button(name="◀ prev", width=80, css_classes=["cs-prev"])
-        w["next"] = pn.widgets.Button(name="next ▶", width=80, css_classes=["cs-next"])
+        w["save"] = pn.widgets.Button(label="Save particles", css_classes=["cs-save"])
+        w["prev"] = pn.widgets.Button(label="◀ prev", width=80, css_classes=["cs-prev"])
+        w["next"] = pn.widgets.Button(label="next ▶", width=80, css_classes=["cs-next"])
         w["page_info"] = pn.pane.HTML("", css_classes=["cs-page-info"])
         w["status"] = pn.pane.HTML("", css_classes=["cs-status"], sizing_mode="stretch_width")
         w["legend"] = pn.pane.HTML(self.legend_html(), width=200, css_classes=["cs-legend-pane"])
         w["gallery"] = Gallery(sizing_mode="stretch_width", css_classes=["cs-gallery"])
         if self.tomograms:
-            w["tomogram"] = pn.widgets.Select(name="tomogram", options=list(self.tomograms))
+            w["tomogram"] = pn.widgets.Select(label="tomogram", options=list(self.tomograms))
         return w
 
     def _guard(self, fn: Callable[[], Any]) -> Callable[[Any], None]:

@@ -262,3 +262,29 @@ def test_pretrain_subtomo_and_contrastive_smoke(tmp_path):
     _resume_check(run_c, tmp_path / "con.pt")
     emb = model.embed(torch.from_numpy(sub[:3, None]))
     assert torch.allclose(emb.norm(dim=1), torch.ones(3), atol=1e-4)
+
+
+def test_cli_finetune_from_mrc_files(tmp_path, capsys):
+    import mrcfile
+
+    from cryosiam_nb import models
+    from cryosiam_nb.training import main_train
+
+    t = _synthetic(1, shape=(16, 16, 16))[0]
+    img, lab = tmp_path / "tomo.mrc", tmp_path / "labels.mrc"
+    with mrcfile.new(img) as m:
+        m.set_data(t.image.astype(np.float32))
+        m.voxel_size = 10.0
+    with mrcfile.new(lab) as m:
+        m.set_data(t.labels["semantic"].astype(np.int8))
+        m.voxel_size = 10.0
+    out = tmp_path / "seg.pt"
+    argv = ["finetune", "semantic", "--image", str(img), "--target", str(lab)]
+    argv += ["--out", str(out), "--epochs", "1", "--batch-size", "2", "--samples-per-epoch", "2"]
+    argv += ["--val-fraction", "0", "--no-progress"]
+    assert main_train(argv) == 0
+    model = models.load(out)
+    assert model.task == "semantic" and model.voxel_size == 10.0
+    assert "saved" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main_train(["finetune", "semantic", "--out", str(out)])  # no data given

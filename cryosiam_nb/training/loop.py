@@ -136,7 +136,6 @@ def _save_history(history: pd.DataFrame, out: Path) -> None:
 
             plt.close(fig)
     except Exception as err:  # noqa: BLE001 - a plot must never stop training
-
         warnings.warn(f"could not draw loss curves: {err}", stacklevel=2)
 
 

@@ -275,7 +275,10 @@ class _Runner:
             )
         y = y[0].float().cpu().numpy()
         cnt = self.count_map(tuple(image.shape))
-        return np.concatenate([y * cnt[None], cnt[None]], axis=0)
+        out = np.empty((n_ch + 1, *cnt.shape), dtype=np.float32)
+        np.multiply(y, cnt[None], out=out[:n_ch])
+        out[n_ch] = cnt
+        return out
 
 
 # ============================================================================ chunk tasks
@@ -453,7 +456,7 @@ def predict(
     if task not in TASKS:
         raise InputError(f"model: task must be one of {TASKS}, got {task!r}")
     tomo = _as_tomogram(data, "data")
-    patch_src = model.patch_size if patch_size is None else patch_size
+    patch_src = getattr(model, "patch_size", None) if patch_size is None else patch_size
     if patch_src is None:
         raise InputError("patch_size: the model has no patch_size; pass patch_size=(z, y, x)")
     patch = (int(patch_src),) * 3 if np.isscalar(patch_src) else tuple(int(p) for p in patch_src)

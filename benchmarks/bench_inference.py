@@ -190,7 +190,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="CI-sized run (< 1 min)")
     ap.add_argument("--model", default="denoise", help="tiny preset task (denoise, semantic)")
-    ap.add_argument("--budget", type=float, default=240.0, help="seconds for the main run")
+    ap.add_argument("--budget", type=float, default=600.0, help="seconds for the main run")
     ap.add_argument("--workers", type=int, default=2, help="dask threads (torch threads 2/n)")
     args = ap.parse_args()
     tiny = f"tiny-{args.model}"

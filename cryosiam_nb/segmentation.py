@@ -305,6 +305,23 @@ def _segment_block(
     return ws
 
 
+def _class_ids(k: Any) -> list[int]:
+    """Semantic class ids from ints or names of ``cryosiam_nb.sim.SEMANTIC_CLASSES``."""
+    try:
+        from cryosiam_nb.sim import SEMANTIC_CLASSES as names
+    except ImportError:
+        names = _SEMANTIC_CLASSES
+    out = []
+    for c in np.atleast_1d(np.asarray(k, dtype=object)):
+        if isinstance(c, str):
+            if c not in names:
+                raise InputError(f"touching: unknown class {c!r}; known: {list(names)}")
+            out.append(names.index(c))
+        else:
+            out.append(int(c))
+    return out
+
+
 def _label_counts(lab: np.ndarray) -> pd.Series:
     ids, counts = np.unique(lab[lab > 0], return_counts=True)
     return pd.Series(counts, index=ids, dtype=np.int64)
@@ -513,7 +530,8 @@ def instances(
         Optional boolean (z, y, x) volume (e.g. the lamella mask); foreground outside is ignored.
     touching
         ``(semantic_labels, k)``: keep only instances touching (6-neighbourhood) a voxel of
-        semantic class ``k`` (an int or a list of ints), e.g. membrane-bound particles.
+        semantic class ``k`` (an id, a class name such as ``"membrane"``, or a list of
+        them), e.g. membrane-bound particles.
     average_edt
         Average the distance with the EDT of the thresholded foreground (clipped [0, 5]).
     distance_scale
@@ -571,6 +589,7 @@ def instances(
             sem, k = touching
         except (TypeError, ValueError):
             raise InputError("touching: expected a (semantic_labels, class) pair") from None
+        k = _class_ids(k)
         sem = _as_array(sem, "touching[0]")
         if sem.shape != shape:
             raise InputError(f"touching: semantic shape {sem.shape} differs from maps {shape}")

@@ -163,6 +163,10 @@ def test_size_touching_and_mask_filters():
     sem[:, :, 51:53] = 1
     out = segmentation.instances(maps, touching=(sem, 1), progress=False).values
     assert out.max() == 1 and ((out > 0) == (lab == 3)).all()
+    by_name = segmentation.instances(maps, touching=(sem, "membrane"), progress=False).values
+    np.testing.assert_array_equal(by_name, out)
+    with pytest.raises(InputError, match="unknown class"):
+        segmentation.instances(maps, touching=(sem, "membranes"), progress=False)
     # a mask excludes the foreground outside it
     mask = np.ones(lab.shape, bool)
     mask[:, :, 30:] = False

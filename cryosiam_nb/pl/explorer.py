@@ -840,7 +840,7 @@ class Explorer(param.Parameterized):
             rows=self._sel,
             spread=False,
         )
-        return rgb.opts(alpha=0.5)
+        return rgb
 
     def _selection_points(self, **_: Any) -> hv.Points:
         """Selected points as outlined markers (only while ``len(selection) <= max_scatter``)."""
@@ -869,7 +869,7 @@ class Explorer(param.Parameterized):
                 x_range, y_range, width, height
             ),
             streams=[hv.streams.RangeXY(source=dmap), hv.streams.PlotSize(), sel_params],
-        )
+        ).opts(alpha=0.5)
         sel_pts = hv.DynamicMap(
             self._selection_points, streams=[hv.streams.Params(self, ["selection_version"])]
         ).opts(

@@ -45,12 +45,14 @@ obs = pd.DataFrame({{"tomogram": "rand", "z": 0.0, "y": 0.0, "x": 0.0, "voxel_si
 p = Particles(obs, {{"embedding": x}})
 del x
 t1 = time.perf_counter()
+c1 = time.process_time()
 u = analysis.umap(p, n_neighbors=10, min_dist=0.0, seed=0, pca={pca}, max_fit={max_fit},
                   progress=False)
 t2 = time.perf_counter()
 assert u.shape == (n, 2) and np.isfinite(u).all()
 print('GEN_SECONDS', t1 - t0)
 print('SECONDS', t2 - t1)
+print('CPU_SECONDS', time.process_time() - c1)
 """
 
 
@@ -63,7 +65,8 @@ def bench_umap(n: int, dim: int, max_fit: int, pca: int | None) -> dict:
         "dim": dim,
         "max_fit": max_fit,
         "pca": pca or "-",
-        "umap seconds": round(vals["SECONDS"], 1),
+        "umap wall s": round(vals["SECONDS"], 1),
+        "umap CPU s": round(vals["CPU_SECONDS"], 1),
         "data gen seconds": round(vals["GEN_SECONDS"], 1),
         "peak RSS GiB": round(peak, 2),
         "target": "< 600 s, < 6 GiB" if n >= 1_000_000 else "-",
@@ -111,7 +114,15 @@ def simulate_particles(n_tomo: int, shape: tuple[int, int, int], box: int, cap: 
     return p.subset(sorted(keep, key=p.obs.index.get_loc))
 
 
-def bench_species(quick: bool, epochs: int, con_epochs: int) -> None:
+def bench_species(
+    quick: bool,
+    epochs: int,
+    con_epochs: int,
+    box: int,
+    n_tomo: int,
+    ssl_samples: int,
+    model_path: str | None,
+) -> None:
     missing = _available(
         "cryosiam_nb.sim", "cryosiam_nb.segmentation", "cryosiam_nb.models", "cryosiam_nb.training"
     )
@@ -120,15 +131,19 @@ def bench_species(quick: bool, epochs: int, con_epochs: int) -> None:
         return
     import torch
 
-    from cryosiam_nb import analysis, training
+    from cryosiam_nb import analysis, models, training
 
     torch.set_num_threads(2)
-    box = 24 if quick else 32
+    model = None
+    if model_path is not None:
+        model = models.load(model_path)
+        box = int(model.patch_size[0])
+        print(f"using {model_path} (box {box})", flush=True)
     t0 = time.perf_counter()
     if quick:
-        p = simulate_particles(2, (48, 128, 128), box, cap=30, min_n=6)
+        p = simulate_particles(n_tomo, (48, 128, 128), box, cap=20, min_n=6)
     else:
-        p = simulate_particles(8, (64, 160, 160), box, cap=60, min_n=10)
+        p = simulate_particles(n_tomo, (64, 160, 160), box, cap=40, min_n=8)
     t_sim = time.perf_counter() - t0
     n_species = p.obs["species"].nunique()
     print(
@@ -141,13 +156,14 @@ def bench_species(quick: bool, epochs: int, con_epochs: int) -> None:
 
     # (a) SimSiam pretraining on all particles' subtomograms (no labels used)
     t = time.perf_counter()
-    model = None
     try:
-        model = _pretrained_or_trained(subs, box, epochs)
+        if model is None:
+            model = _pretrained_or_trained(subs, box, epochs, ssl_samples)
         analysis.embed(p, model, batch_size=64, progress=False, key="ssl")
     except Exception as err:  # noqa: BLE001
         print(f"(a) SSL embeddings: not available ({type(err).__name__}: {err})")
     timings["(a) SSL train + embed"] = time.perf_counter() - t
+    print(f"(a) done in {timings['(a) SSL train + embed']:.0f} s", flush=True)
 
     # (b) contrastive refinement on the classifier's training split only
     t = time.perf_counter()
@@ -162,7 +178,7 @@ def bench_species(quick: bool, epochs: int, con_epochs: int) -> None:
                 p.obs["species"].to_numpy()[pos],
                 p.obs["size_category"].to_numpy()[pos],
                 epochs=con_epochs,
-                pairs_per_epoch=128 if quick else 512,
+                pairs_per_epoch=ssl_samples,
                 batch_size=16,
                 seed=0,
                 progress=False,
@@ -171,6 +187,7 @@ def bench_species(quick: bool, epochs: int, con_epochs: int) -> None:
         except Exception as err:  # noqa: BLE001
             print(f"(b) SSL + contrastive: not available ({type(err).__name__}: {err})")
     timings["(b) contrastive + embed"] = time.perf_counter() - t
+    print(f"(b) done in {timings['(b) contrastive + embed']:.0f} s", flush=True)
 
     # (c) PCA of the raw masked voxels
     t = time.perf_counter()
@@ -216,7 +233,8 @@ def bench_species(quick: bool, epochs: int, con_epochs: int) -> None:
         pd.DataFrame(rows),
         f"particles_species_f1_{mode}",
         f"Species identification F1 ({len(p)} particles, {n_species} species, box {box}, "
-        f"SSL epochs {epochs}, contrastive epochs {con_epochs})",
+        f"SSL {'given model' if model_path else f'{epochs} epochs x {ssl_samples} samples'}, "
+        f"contrastive {con_epochs} epochs x {ssl_samples} pairs)",
     )
     emit(pd.DataFrame(ari_rows), f"particles_species_ari_{mode}", "Clustering vs true species")
     emit(
@@ -226,7 +244,7 @@ def bench_species(quick: bool, epochs: int, con_epochs: int) -> None:
     )
 
 
-def _pretrained_or_trained(subs: np.ndarray, box: int, epochs: int):
+def _pretrained_or_trained(subs: np.ndarray, box: int, epochs: int, samples: int):
     """The shipped tiny subtomogram model if present (and the box matches), else train one."""
     from cryosiam_nb import models, training
 
@@ -239,7 +257,15 @@ def _pretrained_or_trained(subs: np.ndarray, box: int, epochs: int):
     except Exception as err:  # noqa: BLE001
         print(f"tiny-subtomo not loadable ({type(err).__name__}); training SimSiam from scratch")
     model, _ = training.pretrain_subtomo(
-        subs, preset="tiny", box=box, epochs=epochs, batch_size=16, seed=0, progress=False
+        subs,
+        preset="tiny",
+        box=box,
+        epochs=epochs,
+        batch_size=16,
+        samples_per_epoch=samples,
+        warmup_epochs=min(2, max(epochs - 1, 0)),
+        seed=0,
+        progress=False,
     )
     return model
 
@@ -254,6 +280,10 @@ def main() -> None:
     ap.add_argument("--pca", type=int, default=None, help="PCA components before UMAP")
     ap.add_argument("--epochs", type=int, default=None, help="SimSiam epochs")
     ap.add_argument("--con-epochs", type=int, default=None, help="contrastive epochs")
+    ap.add_argument("--box", type=int, default=None, help="subtomogram box (voxels)")
+    ap.add_argument("--n-tomo", type=int, default=None, help="simulated tomograms")
+    ap.add_argument("--ssl-samples", type=int, default=None, help="SSL samples/pairs per epoch")
+    ap.add_argument("--model", default=None, help="trained subtomo_ssl checkpoint to use")
     args = ap.parse_args()
     if not args.skip_umap:
         n = args.umap_n or (5_000 if args.quick else 1_000_000)
@@ -263,7 +293,15 @@ def main() -> None:
     if not args.skip_species:
         epochs = args.epochs or (1 if args.quick else 20)
         con = args.con_epochs or (1 if args.quick else 10)
-        bench_species(args.quick, epochs, con)
+        bench_species(
+            args.quick,
+            epochs,
+            con,
+            box=args.box or (16 if args.quick else 32),
+            n_tomo=args.n_tomo or (2 if args.quick else 8),
+            ssl_samples=args.ssl_samples or (32 if args.quick else 512),
+            model_path=args.model,
+        )
 
 
 if __name__ == "__main__":

@@ -232,6 +232,11 @@ def _as_list(v: Any) -> list[int]:
 def _dense_config(net: Mapping[str, Any], sd: Mapping[str, Any], source: Path) -> dict[str, Any]:
     if int(net.get("spatial_dims", 3)) != 3:
         raise InputError(f"{source}: spatial_dims={net['spatial_dims']} (only 3-D is supported)")
+    if not net.get("no_max_pool", True):
+        raise InputError(
+            f"{source}: no_max_pool=False networks are not supported (their dense embedding "
+            "would be at half the input resolution)"
+        )
     if net.get("add_fpn_later_conv"):
         raise InputError(f"{source}: add_fpn_later_conv=True decoders are not supported")
     dec = net.get("decoder_type")
@@ -290,6 +295,10 @@ def _head_task(heads_sd: Mapping[str, Any], source: Path, task: str | None) -> t
     w = heads_sd.get(f"{first[found]}.6.weight")
     n_out = int(w.shape[0]) if w is not None else 0
     if found == "semantic":
+        if task not in (None, "semantic", "lamella"):
+            raise InputError(
+                f"{source}: task={task!r} requested but the checkpoint has semantic heads"
+            )
         if task in ("semantic", "lamella"):
             found = task
         elif n_out == 2:

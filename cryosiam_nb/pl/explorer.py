@@ -403,6 +403,7 @@ class Explorer(param.Parameterized):
         box: int | None = None,
         shapes: Mapping[str, Sequence[int]] | None = None,
         export_path: str | os.PathLike | None = None,
+        overlays: Mapping[str, Any] | None = None,
         width: int = 620,
         height: int = 520,
         **params: Any,
@@ -430,6 +431,10 @@ class Explorer(param.Parameterized):
         self.thumb_px = int(thumb_px)
         self.width, self.height = int(width), int(height)
         self.tomograms = self._tomogram_dict(tomograms)
+        self.overlays = {str(k): v for k, v in (overlays or {}).items()}
+        unknown = sorted(set(self.overlays) - set(self.tomograms))
+        if unknown:
+            raise _err(f"overlays: no tomogram named {unknown} (tomograms: {list(self.tomograms)})")
         self.shapes = {str(k): tuple(int(s) for s in v) for k, v in (shapes or {}).items()}
         self.box = int(box) if box else self._default_box()
         self.export_path = str(export_path or Path.cwd() / "selection.star")
@@ -607,7 +612,12 @@ class Explorer(param.Parameterized):
         if tomogram not in self._viewers:
             if tomogram not in self.tomograms:
                 raise _err(f"tomogram {tomogram!r} was not given (have {list(self.tomograms)})")
-            v = SliceViewer(self.tomograms[tomogram], name=tomogram, width=420)
+            v = SliceViewer(
+                self.tomograms[tomogram],
+                overlays=self.overlays.get(tomogram),
+                name=tomogram,
+                width=420,
+            )
             obs = self.particles.obs
             v.set_particles(obs.loc[obs["tomogram"].astype(str) == tomogram, ["z", "y", "x"]])
             self._viewers[tomogram] = v
@@ -1179,6 +1189,10 @@ class Explorer(param.Parameterized):
     def __panel__(self) -> pn.viewable.Viewable:
         return self.panel()
 
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> Any:
+        # Jupyter shows the app inline when the object is the last expression of a cell.
+        return self.panel()._repr_mimebundle_(include, exclude)
+
     def servable(self, title: str = "cryosiam_nb explorer") -> pn.viewable.Viewable:
         """Mark the layout servable (``panel serve my_script.py``)."""
         return self.panel().servable(title=title)
@@ -1232,8 +1246,9 @@ def explorer(
         Thumbnails per gallery page.
 
     Other keyword arguments go to :class:`Explorer` (``thumb_px``, ``box`` (voxels),
-    ``shapes`` (tomogram (z, y, x) sizes for RELION 5 export), ``export_path``, ``width``,
-    ``height``). Display the returned object in Jupyter, or call ``.servable()``.
+    ``shapes`` (tomogram (z, y, x) sizes for RELION 5 export), ``export_path``, ``overlays``
+    (``{tomogram name: {overlay name: label volume}}`` or an ``xarray.Dataset`` per tomogram,
+    drawn in the slice viewer), ``width``, ``height``). Display the returned object in Jupyter, or call ``.servable()``.
     """
     return Explorer(
         particles, tomograms=tomograms, color_by=color_by, page_size=page_size, **kwargs

@@ -446,6 +446,10 @@ class SliceViewer(param.Parameterized):
     def __panel__(self) -> pn.viewable.Viewable:
         return self.panel()
 
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> Any:
+        # Jupyter shows the app inline when the object is the last expression of a cell.
+        return self.panel()._repr_mimebundle_(include, exclude)
+
     def servable(self, title: str = "cryosiam_nb slice viewer") -> pn.viewable.Viewable:
         """Mark the layout servable for ``panel serve``."""
         return self.panel().servable(title=title)

@@ -227,7 +227,7 @@ def main() -> None:
         mask_label = "one-conv" if args.quick else tiny
 
         if args.quick:  # two interpreters in all
-            region = (48, 48, 72)
+            region = (48, 48, 48)
             jobs = [job(region, args.model, "main"), job(shape, mem_model, "full")]
             jobs += [job(mshape, mask_model, "nomask")]
             jobs += [job(mshape, mask_model, f"m-{g}", masks[g]) for g in geometries]

@@ -26,7 +26,7 @@ volume's intensities), and ``PSNR matched``/``SSIM matched`` after a least-squar
 between methods (Topaz outputs its own units); the matched columns are the fair comparison.
 
     python benchmarks/bench_denoise.py --quick    # one 64×96×96 tomogram (Topaz skipped if > 1 min)
-    python benchmarks/bench_denoise.py            # three 96×160×160 tomograms
+    python benchmarks/bench_denoise.py            # three 64×128×128 tomograms
 
 Quick mode never creates the Topaz venv (it reuses one a full run made) and skips Topaz
 if it takes more than a minute.
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     torch.set_num_threads(2)
     from scipy.ndimage import gaussian_filter
 
-    shape = (64, 96, 96) if args.quick else (96, 160, 160)
+    shape = (64, 96, 96) if args.quick else (64, 128, 128)
     seeds = TEST_SEEDS[:1] if args.quick else TEST_SEEDS
     topaz_timeout = args.topaz_timeout or (60.0 if args.quick else 1800.0)
 

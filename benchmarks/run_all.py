@@ -106,7 +106,7 @@ def run_script(path: Path, quick: bool, timeout: float, log_dir: Path) -> dict:
         "status": status,
         "seconds": round(seconds, 1),
         "files": files,
-        "log": str(log.relative_to(REPO)),
+        "log": str(log.relative_to(REPO) if log.is_relative_to(REPO) else log),
     }
 
 

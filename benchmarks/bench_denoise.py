@@ -237,7 +237,7 @@ def run_topaz(
             if not q.exists():
                 return None, f"topaz wrote no {q.name} (files: {sorted(os.listdir(out_dir))})"
             with mrcfile.open(q, permissive=True) as f:
-                outs.append(-np.asarray(f.data, dtype=np.float32))  # back to protein bright
+                outs.append(1.0 - np.asarray(f.data, dtype=np.float32))  # undo the inversion
         return outs, f"{secs:.0f} s for {len(volumes)} tomogram(s)"
 
 

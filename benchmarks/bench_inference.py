@@ -217,8 +217,8 @@ def main() -> None:
             return res, peak
 
         mem_model = "onelayer48" if args.quick else "onelayer96"
-        mshape = (96, 48, 48) if args.quick else (256, 144, 48)
-        geometries = ["z-slab"] if args.quick else ["z-slab", "y-edge"]
+        mshape = (48, 96, 48) if args.quick else (256, 144, 48)
+        geometries = ["y-edge"] if args.quick else ["z-slab", "y-edge"]
         masks = {}
         for geom in geometries:
             masks[geom] = str(tmp / f"mask-{geom}.npy")

@@ -337,6 +337,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
 
 # ---------------------------------------------------------------------- slice viewer
 def test_slice_viewer_slices_overlays_markers():
+    import dask.array as da
     import holoviews as hv
 
     rng = np.random.default_rng(0)
@@ -368,6 +369,14 @@ def test_slice_viewer_slices_overlays_markers():
     hv.render(plots["xy"])
     assert v._frame_size("xz")[0] == v._frame_size("xy")[0]
     assert v._frame_size("yz")[1] == v._frame_size("xy")[1]
+    # A lazy (dask-backed) xarray tomogram: voxel size from attrs, slices read on demand.
+    from cryosiam_nb.io import as_dataarray
+
+    lazy = as_dataarray(da.from_array(tomo, chunks=(5, 30, 40)), voxel_size=7.5)
+    lv = slice_viewer(lazy, orthogonal=False)
+    assert lv.voxel_size == 7.5 and set(lv.plots()) == {"xy"}
+    lv.z = 4
+    np.testing.assert_array_equal(lv.slice_array("xy"), tomo[4])
     with pytest.raises(InputError, match="shape"):
         slice_viewer(tomo, overlays={"bad": sem[:5]})
     with pytest.raises(InputError, match="3-D"):

@@ -76,7 +76,11 @@ def chromium_browser():
 @pytest.fixture(scope="module")
 def served():
     """Serve the explorer on a free localhost port (one Explorer per browser session)."""
+    import sys
+
     import panel as pn
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # also under --import-mode=importlib
     from test_explorer import make_particles, make_tomograms
 
     particles = make_particles()

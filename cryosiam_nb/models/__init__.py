@@ -9,11 +9,19 @@
 """
 
 from . import losses
-from .checkpoints import WEIGHTS_DIR, list_models, load, load_checkpoint_dict, save
+from .checkpoints import (
+    WEIGHTS_DIR,
+    export_lightning,
+    list_models,
+    load,
+    load_checkpoint_dict,
+    save,
+)
 from .networks import TASKS, CryoSiamModel, DenseSimSiam, SimSiam, TaskHeads
 from .presets import PRESETS, build, build_from_config
 
 __all__ = [
+    "export_lightning",
     "build",
     "build_from_config",
     "load",

@@ -26,7 +26,15 @@ from ._compat import InputError, atomic_path
 from .networks import HEAD_LAYOUTS, CryoSiamModel
 from .presets import build_from_config, default_class_names
 
-__all__ = ["save", "load", "list_models", "WEIGHTS_DIR", "FORMAT", "load_checkpoint_dict"]
+__all__ = [
+    "save",
+    "load",
+    "list_models",
+    "export_lightning",
+    "WEIGHTS_DIR",
+    "FORMAT",
+    "load_checkpoint_dict",
+]
 
 FORMAT = "cryosiam_nb"
 FORMAT_VERSION = 1
@@ -463,6 +471,67 @@ def _load_state(
     state = {ours: sd[theirs] for theirs, ours in mapped.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.to(memory_format=torch.channels_last_3d)
+
+
+def export_lightning(model: CryoSiamModel, path: str | os.PathLike[str]) -> Path:
+    """Write a task model in the published CryoSiam v1.0 Lightning layout (SPEC §11).
+
+    Backbone keys get the ``_model_backbone.`` prefix and head keys ``_model.``;
+    ``hyper_parameters`` carry the backbone network and the head config. The level
+    (L2/L4/L8) projectors are training-only and are not written
+    (``include_levels_loss=False``). Useful to hand a cryosiam_nb model to tools that read
+    the release format, and to exercise :func:`load` on that format without the release
+    files. Only fine-tuned task models (denoise, semantic, lamella, instance) are supported.
+    """
+    if model.task not in ("denoise", "semantic", "lamella", "instance"):
+        raise InputError(f"export_lightning: task {model.task!r} is not a fine-tuned task model")
+    bb = model.config["backbone"]
+    heads = model.config["heads"]
+    net = {
+        "block_type": bb["block"],
+        "spatial_dims": 3,
+        "in_channels": bb["in_channels"],
+        "num_layers": list(bb["layers"]),
+        "num_filters": list(bb["filters"]),
+        "fpn_channels": bb["fpn_channels"],
+        "no_max_pool": True,
+        "dim": bb["dim"],
+        "pred_dim": bb["pred_dim"],
+        "dense_dim": bb["dense_dim"],
+        "dense_pred_dim": bb["dense_pred_dim"],
+        "include_levels_loss": False,
+    }
+    head_net: dict[str, Any] = {
+        "dense_dim": bb["dense_dim"],
+        "filters": list(heads["filters"]),
+        "kernel_size": heads["kernel_size"],
+        "padding": heads["kernel_size"] // 2,
+    }
+    if "out_channels" in heads:
+        head_net["out_channels"] = heads["out_channels"]
+    else:
+        head_net["n_output_channels"] = 1
+    sd: dict[str, torch.Tensor] = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("backbone.level_"):
+            continue
+        if k.startswith("backbone."):
+            sd["_model_backbone." + k[len("backbone.") :]] = v.detach().cpu().contiguous()
+        elif k.startswith("heads."):
+            sd["_model." + k[len("heads.") :]] = v.detach().cpu().contiguous()
+    hp = {
+        "backbone_config": {"parameters": {"network": net}},
+        "config": {
+            "parameters": {
+                "data": {"patch_size": int(model.patch_size[0])},
+                "network": head_net,
+            }
+        },
+    }
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        torch.save({"state_dict": sd, "hyper_parameters": hp}, tmp)
+    return target
 
 
 # --------------------------------------------------------------------------- entry point

@@ -11,7 +11,7 @@ Markdown tables a script writes into ``benchmarks/results/`` during its run are 
 ``benchmarks/results/SUMMARY.md`` (full mode) or ``SUMMARY_quick.md`` (quick mode), which
 starts with the machine line and a status table; ``SUMMARY[_quick].json`` lists, per script,
 its status, seconds and the CSV/Markdown files it produced (the CI test reads it). A summary
-table (script, status, seconds) is printed at the end; the exit status is 1 if any script
+table (script, status, wall seconds, CPU seconds) is printed at the end; the exit status is 1 if any script
 failed or timed out.
 
 Scripts listed in :data:`CI_EXCLUDE` are skipped with ``--ci`` (used by the test suite) because
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -71,7 +72,11 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def run_script(path: Path, quick: bool, timeout: float, log_dir: Path) -> dict:
-    """Run one script; returns ``script, status (ok/failed/timeout), seconds, files, log``."""
+    """Run one script; returns ``script, status (ok/failed/timeout), seconds, cpu_s, files, log``.
+
+    ``cpu_s``: CPU time (user + system) of the script and the children it waited for — on a
+    shared, loaded machine a better guide than wall time to what an idle machine would take.
+    """
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{path.stem}.log"
     cmd = [sys.executable, str(path)] + (["--quick"] if quick else [])
@@ -79,6 +84,7 @@ def run_script(path: Path, quick: bool, timeout: float, log_dir: Path) -> dict:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     before = {p: p.stat().st_mtime_ns for p in RESULTS.glob("*") if p.is_file()}
     t0 = time.perf_counter()
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "w") as fh:
         proc = subprocess.Popen(
             cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -93,6 +99,8 @@ def run_script(path: Path, quick: bool, timeout: float, log_dir: Path) -> dict:
             _kill_group(proc)
             raise
     seconds = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
     files = sorted(
         p.name
         for p in RESULTS.glob("*")
@@ -105,6 +113,7 @@ def run_script(path: Path, quick: bool, timeout: float, log_dir: Path) -> dict:
         "script": path.name,
         "status": status,
         "seconds": round(seconds, 1),
+        "cpu_s": round(cpu, 1),
         "files": files,
         "log": str(log.relative_to(REPO) if log.is_relative_to(REPO) else log),
     }
@@ -117,10 +126,15 @@ def _tail(path: Path, n: int = 15) -> str:
         return ""
 
 
+def _table(records: list[dict]) -> pd.DataFrame:
+    cols = ("script", "status", "seconds", "cpu_s")
+    return pd.DataFrame([{k: r.get(k) for k in cols} for r in records])
+
+
 def write_summary(records: list[dict], mode: str, total: float) -> Path:
     """SUMMARY[_quick].md (status table + every collected table) and SUMMARY[_quick].json."""
     stem = "SUMMARY" if mode == "full" else "SUMMARY_quick"
-    table = pd.DataFrame([{k: r[k] for k in ("script", "status", "seconds")} for r in records])
+    table = _table(records)
     parts = [
         f"# Benchmarks ({mode} mode)",
         "",
@@ -182,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             print(_tail(REPO / rec["log"]), flush=True)
     total = time.perf_counter() - t0
     md = write_summary(records, name, total)
-    table = pd.DataFrame([{k: r[k] for k in ("script", "status", "seconds")} for r in records])
+    table = _table(records)
     print()
     print(f"Measured on: {machine()}; total {total:.0f} s")
     print(table.to_markdown(index=False))

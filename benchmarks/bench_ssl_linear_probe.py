@@ -1,10 +1,14 @@
 """Does DenseSimSiam self-supervision learn? A linear probe on frozen voxel embeddings.
 
-Pretrain the ``tiny`` preset by DenseSimSiam SSL on simulated tomograms (clean volumes,
-the thesis setting; CPU), freeze it, and fit a 1×1×1 linear head (multinomial logistic
-regression on each voxel's feature vector, class-balanced, features standardised) for
-the semantic classes on held-out *probe-training* tomograms; score per-class Dice on
-*test* tomograms that neither SSL nor the probe saw. Three feature sets:
+Pretrain the ``tiny`` preset by DenseSimSiam SSL on simulated tomograms (CPU), freeze it,
+and fit a 1×1×1 linear head (multinomial logistic regression on each voxel's feature
+vector, class-balanced, features standardised) for the semantic classes on held-out
+*probe-training* tomograms; score per-class Dice on *test* tomograms that neither SSL nor
+the probe saw. SSL and probe use the same volume: ``--input noisy`` (default, what real
+data looks like) or ``--input clean`` (the thesis' pretraining input; there the raw
+intensity of a noise-free voxel is already a strong feature for background/particle, and
+the tiny SSL model beat the random encoder but not raw intensities in our run). Three
+feature sets:
 
 (a) ``ssl``    — the frozen SSL dense embedding ``model.backbone(x)`` (D = 32),
 (b) ``random`` — the same network randomly initialised and frozen (its BatchNorm
@@ -110,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="CI-sized run (≤ 1 min)")
     p.add_argument("--epochs", type=int, default=None, help="SSL epochs (default: the recipe's)")
-    p.add_argument("--input", default="clean", choices=["clean", "noisy"], help="volume probed")
+    p.add_argument("--input", default="noisy", choices=["clean", "noisy"], help="volume used")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -161,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"(a) SSL beats (b) random and (c) raw on the mean: {'YES' if win else 'NO'}")
     print(f"total {total:.0f} s, torch threads {torch.get_num_threads()}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "ssl_linear_probe" + ("_quick" if args.quick else "")
+    name = "ssl_linear_probe" + ("" if args.input == "noisy" else f"_{args.input}")
+    name += "_quick" if args.quick else ""
     df.to_csv(RESULTS / f"{name}.csv")
     (RESULTS / f"{name}.md").write_text(
         df.to_markdown(floatfmt=".3f") if _has_tabulate() else df.to_string()

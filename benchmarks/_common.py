@@ -88,3 +88,13 @@ def emit(df: pd.DataFrame, name: str, title: str) -> None:
     print(md, flush=True)
     df.to_csv(RESULTS / f"{name}.csv", index=False)
     (RESULTS / f"{name}.md").write_text(md)
+    _record(f"{name}.csv", f"{name}.md")
+
+
+def _record(*files: str) -> None:
+    """Append written result file names to ``$CRYOSIAM_BENCH_MANIFEST`` when it is set
+    (``run_all.py`` uses it to attribute tables to scripts on a shared results folder)."""
+    manifest = os.environ.get("CRYOSIAM_BENCH_MANIFEST")
+    if manifest:
+        with open(manifest, "a") as fh:
+            fh.write("".join(f"{f}\n" for f in files))

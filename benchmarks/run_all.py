@@ -10,7 +10,9 @@ per-script time limit; its stdout/stderr go to ``benchmarks/results/logs/<script
 Markdown tables a script writes into ``benchmarks/results/`` during its run are collected into
 ``benchmarks/results/SUMMARY.md`` (full mode) or ``SUMMARY_quick.md`` (quick mode), which
 starts with the machine line and a status table; ``SUMMARY[_quick].json`` lists, per script,
-its status, seconds and the CSV/Markdown files it produced (the CI test reads it). A summary
+its status, seconds and the CSV/Markdown files it produced (the CI test reads it): the files
+``_common.emit`` reports through ``$CRYOSIAM_BENCH_MANIFEST``, or, for a script that writes
+its own files, those changed in ``results/`` while it ran. A summary
 table (script, status, wall seconds, CPU seconds) is printed at the end; the exit status is 1 if any script
 failed or timed out.
 
@@ -82,6 +84,9 @@ def run_script(path: Path, quick: bool, timeout: float, log_dir: Path) -> dict:
     cmd = [sys.executable, str(path)] + (["--quick"] if quick else [])
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    manifest = log_dir / f"{path.stem}.files"
+    manifest.unlink(missing_ok=True)
+    env["CRYOSIAM_BENCH_MANIFEST"] = str(manifest)
     before = {p: p.stat().st_mtime_ns for p in RESULTS.glob("*") if p.is_file()}
     t0 = time.perf_counter()
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -101,14 +106,17 @@ def run_script(path: Path, quick: bool, timeout: float, log_dir: Path) -> dict:
     seconds = time.perf_counter() - t0
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
-    files = sorted(
-        p.name
-        for p in RESULTS.glob("*")
-        if p.is_file()
-        and p.suffix in (".csv", ".md")
-        and not p.name.startswith("SUMMARY")
-        and before.get(p) != p.stat().st_mtime_ns
-    )
+    if manifest.exists():  # tables written through _common.emit
+        files = sorted(set(manifest.read_text().split()))
+    else:  # scripts that write their own files: whatever changed during the run
+        files = sorted(
+            p.name
+            for p in RESULTS.glob("*")
+            if p.is_file()
+            and p.suffix in (".csv", ".md")
+            and not p.name.startswith("SUMMARY")
+            and before.get(p) != p.stat().st_mtime_ns
+        )
     return {
         "script": path.name,
         "status": status,

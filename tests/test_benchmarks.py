@@ -79,6 +79,21 @@ def test_run_script_ok_failed_and_timeout(run_all, tmp_path):
     assert rec["status"].startswith("timeout") and rec["seconds"] < 30
 
 
+def test_tables_attributed_by_manifest_not_by_concurrent_writes(run_all, tmp_path):
+    """On a shared results folder, only the tables the script reports through emit count."""
+    res = run_all.RESULTS
+    body = (
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(BENCH)!r})\n"
+        "import _common\n"
+        f"open({str(res / 'mine.csv')!r}, 'w').write('a\\n1\\n')\n"
+        f"open({str(res / 'other_engineer.csv')!r}, 'w').write('a\\n1\\n')\n"
+        "_common._record('mine.csv')\n"
+    )
+    rec = run_all.run_script(_script(tmp_path, "bench_m.py", body), True, 60, tmp_path / "logs")
+    assert rec["status"] == "ok" and rec["files"] == ["mine.csv"]
+
+
 def test_summary_collects_tables_and_status(run_all, tmp_path):
     (run_all.RESULTS / "x_quick.md").write_text("### X\n\n| a |\n|---|\n| 1 |\n")
     records = [

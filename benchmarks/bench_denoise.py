@@ -19,6 +19,10 @@ Test tomograms: ``sim.simulate(mode="fast", sample="general")`` with the trainin
 structure mix (:data:`cryosiam_nb.training.recipe.SIM_STRUCTURES`) and 10 Å voxels, seeds
 :data:`TEST_SEEDS` — disjoint from the recipe's training/validation seeds (2024…2031).
 
+Inputs and reference are normalised like the recipe's training data (``pp.normalize``,
+0.1/99.9 % clip → [0, 1]): every method gets the normalised noisy volume and is scored
+against the normalised clean volume.
+
 Metrics (``cryosiam_nb.metrics.psnr`` / ``ssim``, data range = that of the clean volume):
 ``PSNR``/``SSIM`` on each method's output as is (our denoiser is trained to output the clean
 volume's intensities), and ``PSNR matched``/``SSIM matched`` after a least-squares affine map
@@ -108,6 +112,13 @@ def simulate(shape: tuple[int, int, int], seed: int):
         structures=dict(SIM_STRUCTURES),
         progress=False,
     )
+
+
+def unit(vol) -> np.ndarray:
+    """``pp.normalize(invert=False)``: 0.1/99.9 % clip → [0, 1], as the recipe trains on."""
+    from cryosiam_nb import pp
+
+    return np.asarray(pp.normalize(vol, invert=False).values, dtype=np.float32)
 
 
 def matched(out: np.ndarray, ref: np.ndarray) -> np.ndarray:
@@ -262,12 +273,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
 
     t0 = time.perf_counter()
     ref = simulate(shape, SIGMA_SEED).volumes
-    sigma, sig_scores = best_sigma(ref["noisy"].values, ref["clean"].values)
+    sigma, sig_scores = best_sigma(unit(ref["noisy"]), unit(ref["clean"]))
     print(f"Gaussian σ chosen on seed {SIGMA_SEED}: {sigma} voxels ({sig_scores[sigma]:.2f} dB)")
     tomos = [simulate(shape, s).volumes for s in seeds]
     print(f"simulated {len(tomos) + 1} tomograms in {time.perf_counter() - t0:.0f} s", flush=True)
-    noisy = [t["noisy"].values.astype(np.float32) for t in tomos]
-    clean = [t["clean"].values.astype(np.float32) for t in tomos]
+    noisy = [unit(t["noisy"]) for t in tomos]
+    clean = [unit(t["clean"]) for t in tomos]
 
     outputs: dict[str, tuple[list[np.ndarray] | None, str]] = {}
     outputs["noisy input"] = (noisy, "")

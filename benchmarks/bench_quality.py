@@ -16,7 +16,9 @@ the recipe's 2024…2031):
    true positive of its true particle's category and an unmatched prediction as a false
    positive of the category of its own volume (``segmentation.size_category``).
 
-"denoised" = ``tiny-denoise`` output rescaled to [0, 1] (``pp.normalize(invert=False)``).
+Every input is normalised as the recipe's training data (``pp.normalize(invert=False)``:
+0.1/99.9 % clip → [0, 1]); "denoised" = ``tiny-denoise`` output on the normalised noisy
+volume, normalised the same way.
 Unlike the thesis (one model trained per input type) the same model — trained on *noisy*
 volumes by the recipe — is applied to all three inputs. A missing model prints
 "not available" and its table is skipped.
@@ -182,9 +184,9 @@ def main(argv: list[str] | None = None) -> None:
     for seed in seeds:
         s = simulate(shape, seed)
         v = s.volumes
-        vols = {"clean": v["clean"], "noisy": v["noisy"]}
+        vols = {k: pp.normalize(v[k], invert=False).compute() for k in ("clean", "noisy")}
         if den is not None:
-            d = tl.predict(den, v["noisy"])["denoised"].compute()
+            d = tl.predict(den, vols["noisy"])["denoised"].compute()
             vols["denoised"] = pp.normalize(d, invert=False).compute()
         for name in inputs:
             if sem is not None:

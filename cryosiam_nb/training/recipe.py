@@ -8,7 +8,9 @@ Steps (fixed seeds; ~15 min on 2 CPU cores, ``--quick`` for a 1–2 min smoke ru
    actin so that every class occurs) — a per-tomogram train/validation split;
 2. DenseSimSiam pretraining on the *clean* volumes → ``tiny-dense-ssl.pt``;
 3. heads on that backbone (encoder frozen) from the *noisy* volumes →
-   ``tiny-denoise.pt``, ``tiny-lamella.pt``, ``tiny-semantic.pt``, ``tiny-instance.pt``;
+   ``tiny-denoise.pt``, ``tiny-lamella.pt``, ``tiny-semantic.pt``, ``tiny-instance.pt``
+   (the lamella head on extra tomograms with thinner, 24 nm samples so that the outside
+   of the sample is well represented);
 4. SimSiam on strictly masked particle subtomograms → ``tiny-subtomo.pt``.
 
 Each checkpoint gets a model card ``tiny-<task>.md`` (command, data, seed, voxel size,
@@ -57,6 +59,9 @@ RECIPE: dict[str, Any] = {
     },
     "subtomo": {"box": 24, "epochs": 6, "samples_per_epoch": 64, "batch_size": 8, "seed": 0},
     "val_fraction": 0.25,
+    # lamella head: thinner samples (24 nm in a 48 nm-deep volume) so that "outside" is
+    # well represented; the default tomograms are almost all sample
+    "lamella_sim": {"n": 6, "seed": 3024, "thickness_nm": 24.0},
 }
 
 QUICK: dict[str, Any] = {
@@ -83,6 +88,7 @@ QUICK: dict[str, Any] = {
     },
     "subtomo": {"box": 16, "epochs": 1, "samples_per_epoch": 8, "batch_size": 4, "seed": 0},
     "val_fraction": 0.34,
+    "lamella_sim": {"n": 3, "seed": 3024, "thickness_nm": 16.0},
 }
 
 TASK_FILES = {
@@ -102,9 +108,11 @@ def simulate_training_set(
     seed: int = 0,
     mode: str = "fast",
     progress: bool = True,
+    **kwargs: Any,
 ) -> list[Any]:
     """``n`` simulated ``general`` tomograms (z, y, x voxels at ``voxel_size`` Å), seeds
-    ``seed, seed+1, ...``, with :data:`SIM_STRUCTURES`; each has ``.name`` ``sim_<seed>``."""
+    ``seed, seed+1, ...``, with :data:`SIM_STRUCTURES`; each has ``.name`` ``sim_<seed>``.
+    ``kwargs`` go to :func:`cryosiam_nb.sim.simulate` (e.g. ``thickness_nm``)."""
     from tqdm.auto import tqdm
 
     from cryosiam_nb import sim
@@ -119,6 +127,7 @@ def simulate_training_set(
             mode=mode,
             structures=dict(SIM_STRUCTURES),
             progress=False,
+            **kwargs,
         )
         try:
             s.name = f"sim_{seed + i}"
@@ -138,6 +147,8 @@ def _card(
     from cryosiam_nb.io import atomic_path
 
     md = model.metadata
+    sc = {**cfg["sim"], **cfg["lamella_sim"]} if task == "lamella" else cfg["sim"]
+    extra = f", thickness_nm={sc['thickness_nm']}" if "thickness_nm" in sc else ""
     lines = [
         f"# {path.stem}",
         "",
@@ -145,9 +156,9 @@ def _card(
         "",
         "## How it was made",
         f"- Command: `{command}`",
-        f"- Data: {cfg['sim']['n']} simulated `general` tomograms, shape {tuple(cfg['sim']['shape'])} "
-        f"(z, y, x) at {cfg['sim']['voxel_size']} Å/voxel, `cryosiam_nb.sim.simulate(mode="
-        f'"{cfg["sim"]["mode"]}", seed={cfg["sim"]["seed"]}+i, structures={SIM_STRUCTURES})`',
+        f"- Data: {sc['n']} simulated `general` tomograms, shape {tuple(sc['shape'])} "
+        f"(z, y, x) at {sc['voxel_size']} Å/voxel, `cryosiam_nb.sim.simulate(mode="
+        f'"{sc["mode"]}", seed={sc["seed"]}+i, structures={SIM_STRUCTURES}{extra})`',
         f"- Train / validation tomograms (per-tomogram split): "
         f"{md.get('data_summary', {}).get('train')} / {md.get('data_summary', {}).get('val')}",
         f"- Input volume: `{md.get('data_summary', {}).get('input')}`, normalised "
@@ -237,15 +248,21 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ssl = models.load(dense_path)
 
+    lamella_sims = None
     for task in ("denoise", "lamella", "semantic", "instance"):
         if task not in todo:
             continue
         t0 = time.perf_counter()
+        data = sims
+        if task == "lamella":
+            lam_cfg = {**cfg["sim"], **cfg["lamella_sim"]}
+            lamella_sims = simulate_training_set(**lam_cfg, progress=progress)
+            data = lamella_sims
         path = out / f"{TASK_FILES[task]}.pt"
         hc = dict(cfg["heads"])
         model, hist = finetune(
             task,
-            sims,
+            data,
             backbone=ssl,
             preset="tiny",
             image="noisy",

@@ -40,7 +40,12 @@ sys.path.insert(0, str(HERE))
 from _common import RESULTS, machine  # noqa: E402
 
 #: script → reason: left out of the CI quick run (``--ci``) because it is too slow there.
-CI_EXCLUDE: dict[str, str] = {}
+CI_EXCLUDE: dict[str, str] = {
+    "bench_particles.py": (
+        "quick mode 200 s wall / 104 s CPU on the shared 2-core machine (2026-11-24), about a "
+        "quarter of the whole quick run; run it with `run_all.py --quick --only particles`"
+    ),
+}
 
 #: default per-script time limits (seconds) by mode
 TIMEOUTS = {"quick": 240.0, "full": 3600.0}

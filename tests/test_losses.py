@@ -164,7 +164,8 @@ def test_instance_targets_separate_touching_instances():
     assert fg.sum() == (lab > 0).sum()
     assert bd[6, 6, 9] == 1 and bd[6, 6, 10] == 1  # the contact is boundary
     assert bd[6, 6, 5] == 0  # the middle of a particle is not
-    assert bd[6, 6, 1] == 1 and bd[6, 6, 0] == 1  # thick outer border grown by one voxel
+    assert bd[6, 6, 8] == 1 and bd[6, 6, 11] == 1  # grown by one voxel on both sides
+    assert bd[6, 6, 2] == 0 and bd[6, 6, 1] == 0  # the instance/background edge is not boundary
     assert dist[6, 6, 9] == pytest.approx(1 / 5)  # next to the other instance: small
     assert dist[6, 6, 6] > dist[6, 6, 9]
     assert dist[0, 0, 0] == pytest.approx(-np.sqrt(12) / 5)  # corner: √12 voxels away

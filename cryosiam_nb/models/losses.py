@@ -250,7 +250,14 @@ def _instance_targets_3d(
 
     fg = lab > 0
     st = ndimage.generate_binary_structure(3, 1)
-    bd = find_boundaries(lab, connectivity=1, mode="thick")
+    # Boundaries *between different instances* (both sides), as segmentation.maps_from_labels:
+    # the instance/background border is already the foreground's edge, and marking it too
+    # makes the multicut cut thin necks of multi-lobed particles.
+    big = np.iinfo(np.int64).max
+    lab64 = lab.astype(np.int64)
+    higher = ndimage.grey_dilation(lab64, footprint=st, mode="nearest") > lab64
+    lower = ndimage.grey_erosion(np.where(fg, lab64, big), footprint=st, mode="nearest") < lab64
+    bd = fg & (higher | lower)
     if grow > 0 and bd.any():
         bd = ndimage.binary_dilation(bd, structure=st, iterations=grow)
     # inside: distance to the nearest voxel outside the own instance (touching ones separate)
@@ -272,8 +279,9 @@ def instance_targets(instances: Any, clip: float = 5.0, grow: int = 1) -> dict[s
 
     ``instances`` int ``(Z, Y, X)``, ``(N, Z, Y, X)`` or ``(N, 1, Z, Y, X)``. Returns float32
     maps with a channel axis (``(1, Z, Y, X)`` / ``(N, 1, Z, Y, X)``):
-    ``foreground`` 1 inside any instance; ``boundary`` the thick label boundaries (both sides
-    of every label change, ``skimage`` mode "thick") grown by ``grow`` voxels; ``distance``
+    ``foreground`` 1 inside any instance; ``boundary`` the boundaries between different
+    instances (both sides) grown by ``grow`` voxels — the same definition as
+    :func:`cryosiam_nb.segmentation.maps_from_labels`; ``distance``
     the signed distance in voxels — inside an instance to the nearest voxel outside *that*
     instance (so touching instances separate), outside to the nearest instance, negative —
     clipped to ±``clip`` and divided by ``clip`` (±1, 1 ≙ ``clip`` voxels; the unit that

@@ -45,6 +45,10 @@ CI_EXCLUDE: dict[str, str] = {
         "quick mode 200 s wall / 104 s CPU on the shared 2-core machine (2026-11-24), about a "
         "quarter of the whole quick run; run it with `run_all.py --quick --only particles`"
     ),
+    "bench_models.py": (
+        "quick mode 134 s wall / 131 s CPU (2026-11-24, machine nearly idle), twice the 1-min "
+        "quick target; its preset timing overlaps bench_speed's training-step rows"
+    ),
 }
 
 #: default per-script time limits (seconds) by mode

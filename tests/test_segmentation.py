@@ -361,3 +361,24 @@ def test_subtomogram_masks():
     # ...but nothing beyond the ring's outer radius
     assert not kept[16 - c0[0], 16 - c0[1], 16 + 9 - c0[2]]
     assert kept.sum() > own.sum()
+
+
+def test_maps_from_density_picks_bright_blobs():
+    """Model-free picking: separated bright blobs on a dim background become one instance each."""
+    rng = np.random.default_rng(0)
+    vol = rng.normal(0.2, 0.02, size=(32, 48, 48)).astype(np.float32)
+    centres = [(8, 10, 10), (16, 24, 30), (24, 36, 12)]
+    zz, yy, xx = np.indices(vol.shape)
+    for cz, cy, cx in centres:
+        vol[(zz - cz) ** 2 + (yy - cy) ** 2 + (xx - cx) ** 2 <= 16] = 0.8
+    maps = segmentation.maps_from_density(vol)
+    assert 0.2 < maps.attrs["threshold"] < 0.8
+    labels = segmentation.instances(maps, min_size=5, progress=False)
+    table = segmentation.particles(labels, progress=False)
+    assert len(table) == 3
+    found = sorted(tuple(np.round(r)) for r in table[["z", "y", "x"]].to_numpy())
+    assert found == sorted(centres)
+    mask = np.zeros(vol.shape, np.uint8)
+    mask[:, :, 20:] = 1  # keep only the middle blob
+    masked = segmentation.instances(segmentation.maps_from_density(vol, mask=mask), progress=False)
+    assert len(np.unique(masked.values)) == 2

@@ -1,0 +1,380 @@
+"""Write the ordered notebooks in notebooks/ from the cell sources below (outputs stripped).
+
+    python scripts/make_notebooks.py
+
+Each notebook starts with a parameters cell (tagged ``parameters``, papermill style) that
+defines ``FAST = False``; tests run every notebook with ``FAST = True``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def params(extra: str = "") -> nbformat.NotebookNode:
+    src = (
+        "# Parameters (papermill style). FAST = True runs a small version (used by the tests).\n"
+        "FAST = False\n"
+        "SEED = 0\n"
+        'OUT = "nb_outputs"\n' + extra
+    )
+    return new_code_cell(src, metadata={"tags": ["parameters"]})
+
+
+SETUP = """\
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+import cryosiam_nb as cs
+from cryosiam_nb import io, metrics, models, pl, pp, sim, tl
+
+out = Path(OUT)
+out.mkdir(parents=True, exist_ok=True)
+SHAPE = (48, 96, 96) if FAST else (96, 192, 192)
+"""
+
+NB: dict[str, list[nbformat.NotebookNode]] = {}
+
+NB["01_data_and_simulation"] = [
+    new_markdown_cell(
+        "# 1 · Data and simulation\n\n"
+        "Open a tomogram with the right voxel size and axis order, normalise it out of core, "
+        "and simulate tomograms with complete ground truth — the training data and the test "
+        "oracle of everything that follows.\n\n"
+        "Conventions: arrays are **(z, y, x)**; voxel sizes and coordinates are in **Å**; "
+        "particle centres are in voxels."
+    ),
+    params(),
+    new_code_cell(SETUP),
+    new_markdown_cell(
+        "## Simulate a tomogram\n"
+        "A lamella with membranes, microtubules, actin, DNA and particles of many species, "
+        "imaged as a ±60° tilt series with CTF and noise and reconstructed by weighted "
+        "back-projection, so the missing wedge appears naturally."
+    ),
+    new_code_cell(
+        'simulation = sim.simulate(SHAPE, voxel_size=10.0, sample="general", seed=SEED,\n'
+        '                          mode="fast" if FAST else "tilt")\n'
+        "simulation.volumes"
+    ),
+    new_code_cell("pl.slices(simulation);"),
+    new_code_cell(
+        'parts = simulation.particles\nprint(parts["size_category"].value_counts())\nparts.head()'
+    ),
+    new_markdown_cell(
+        "## Your own tomogram: read, check voxel size, normalise\n"
+        "Here the simulated raw-contrast volume is written as MRC and read back, as you would "
+        "open your own file. Raw cryo-ET has dark protein on bright ice; `invert=True` makes "
+        "protein bright for the models. A header voxel size of 0 or 1 Å triggers a warning: "
+        "then pass `voxel_size=`."
+    ),
+    new_code_cell(
+        'mrc = io.write(simulation.raw_noisy, out / "tomogram.mrc", overwrite=True)\n'
+        "tomo = io.read(mrc)\n"
+        'print(tomo.dims, tomo.shape, tomo.attrs["voxel_size"], "Å")\n'
+        "norm = pp.normalize(tomo, invert=True)\n"
+        "norm"
+    ),
+    new_code_cell(
+        'pl.orthoslices(norm.compute(), title="normalised, protein bright");\n'
+        "assert float(norm.min()) >= 0 and float(norm.max()) <= 1\n"
+        'assert tomo.attrs["voxel_size"] == 10.0'
+    ),
+    new_markdown_cell(
+        "## A training set\n`write_dataset` writes N tomograms + tables + a manifest; the "
+        "same seed gives identical files."
+    ),
+    new_code_cell(
+        'sim.write_dataset(out / "sim_dataset", n=2 if FAST else 4, shape=SHAPE, seed=SEED,\n'
+        '                  mode="fast", overwrite=True)\n'
+        'sim.dataset_table(out / "sim_dataset")'
+    ),
+]
+
+NB["02_denoising"] = [
+    new_markdown_cell(
+        "# 2 · Denoising\n\nThe tiny denoiser shipped with the package (trained on the "
+        "simulator by `python -m cryosiam_nb.training.recipe`) runs chunk by chunk with "
+        "Gaussian-blended sliding windows, on CPU or GPU."
+    ),
+    params(),
+    new_code_cell(SETUP),
+    new_code_cell(
+        "simulation = sim.simulate(SHAPE, voxel_size=10.0, seed=SEED + 100,\n"
+        '                          mode="fast" if FAST else "tilt")\n'
+        'noisy = simulation.volumes["noisy"]          # already protein bright, in [0, 1]\n'
+        'clean = simulation.volumes["clean"].values\n'
+        'denoiser = models.load("tiny-denoise")\n'
+        "denoiser"
+    ),
+    new_code_cell(
+        'denoised = tl.predict(denoiser, noisy)["denoised"].compute()\n'
+        "from scipy import ndimage\n"
+        "gauss = ndimage.gaussian_filter(noisy.values, 1.0)\n"
+        "table = pd.DataFrame({\n"
+        '    "input": ["noisy", "Gaussian σ=1", "tiny denoiser"],\n'
+        '    "PSNR (dB)": [metrics.psnr(v, clean) for v in (noisy.values, gauss, denoised.values)],\n'
+        '    "SSIM": [metrics.ssim(v, clean) for v in (noisy.values, gauss, denoised.values)],\n'
+        "}).round(3)\n"
+        "table"
+    ),
+    new_code_cell(
+        "z = SHAPE[0] // 2\n"
+        "fig, axes = plt.subplots(1, 3, figsize=(12, 4))\n"
+        'for ax, (title, img) in zip(axes, [("noisy", noisy.values), ("denoised", denoised.values), ("clean", clean)]):\n'
+        '    ax.imshow(img[z], cmap="gray"); ax.set_title(title); ax.axis("off")\n'
+        "plt.show()\n"
+        'assert table.loc[2, "PSNR (dB)"] > table.loc[0, "PSNR (dB)"], "denoiser must beat the input"'
+    ),
+    new_markdown_cell(
+        "## Big tomograms\nResults stream to zarr chunk by chunk: nothing tomogram-sized is "
+        "held in memory."
+    ),
+    new_code_cell(
+        "from cryosiam_nb.inference import write_predictions\n"
+        'write_predictions(tl.predict(denoiser, noisy), out / "denoised.zarr")\n'
+        'io.read(out / "denoised.zarr/denoised")'
+    ),
+]
+
+NB["03_semantic_segmentation_and_lamella"] = [
+    new_markdown_cell(
+        "# 3 · Semantic segmentation and the lamella\n\nClasses: background, membrane, "
+        "microtubule, particle, actin, DNA/RNA. The lamella (sample) mask restricts every "
+        "later step, and chunks outside it are skipped."
+    ),
+    params(),
+    new_code_cell(SETUP),
+    new_code_cell(
+        "# extra membranes / filaments so that every class occurs in a small volume\n"
+        'extra = {"vesicles": 12.0, "sheets": 3.0, "microtubules": 8.0, "actin": 20.0}\n'
+        "simulation = sim.simulate(SHAPE, voxel_size=10.0, seed=SEED + 200, structures=extra,\n"
+        '                          mode="fast" if FAST else "tilt")\n'
+        'noisy, truth = simulation.volumes["noisy"], simulation.volumes\n'
+        'lam = tl.predict(models.load("tiny-lamella"), noisy)\n'
+        'lamella = tl.lamella_mask(lam["probabilities"]).compute()\n'
+        'print("lamella Dice:", metrics.dice(lamella.values, truth["lamella"].values)["mean"])'
+    ),
+    new_code_cell(
+        'seg = tl.predict(models.load("tiny-semantic"), noisy, mask=lamella).compute()\n'
+        'labels = tl.postprocess_semantic(seg["labels"], min_size=20).compute()\n'
+        "names = {i: n for i, n in enumerate(sim.SEMANTIC_CLASSES) if i}\n"
+        'dice = metrics.dice(labels.values, truth["semantic"].values, classes=names)\n'
+        'pd.Series(dice, name="Dice").round(3)'
+    ),
+    new_code_cell(
+        'pl.slices(truth.assign(predicted=labels), variables=["noisy", "semantic", "predicted"]);\n'
+        "# the tiny model separates membranes; thin filaments and particles need a bigger model\n"
+        'assert dice["membrane"] > 0.2, dice'
+    ),
+]
+
+NB["04_instances_and_particles"] = [
+    new_markdown_cell(
+        "# 4 · Instances and particles\n\nSeeded watershed on the predicted distance, "
+        "refined by multicut (Kernighan–Lin) on the boundary map, then a particle table with "
+        "centroids in voxels and Å, sizes and size categories, and subtomograms centred on "
+        "each particle."
+    ),
+    params(),
+    new_code_cell(SETUP),
+    new_code_cell(
+        "simulation = sim.simulate(SHAPE, voxel_size=10.0, seed=SEED + 300,\n"
+        '                          mode="fast" if FAST else "tilt")\n'
+        'noisy, truth = simulation.volumes["noisy"], simulation.volumes\n'
+        'maps = tl.predict(models.load("tiny-instance"), noisy).compute()\n'
+        "labels = tl.instances(maps, min_size=10)\n"
+        'ap = metrics.average_precision(labels.values, truth["instances"].values)\n'
+        'pd.Series({k: ap[k] for k in ("AP50", "AP60", "AP70", "AP80", "mean")}).round(3)'
+    ),
+    new_markdown_cell(
+        "What a perfect network would give: the same post-processing on maps derived from the "
+        "ground-truth instances (this is the upper bound of the post-processing itself)."
+    ),
+    new_code_cell(
+        "from cryosiam_nb.segmentation import maps_from_labels\n"
+        'perfect = tl.instances(maps_from_labels(truth["instances"]), min_size=5)\n'
+        'ap_gt = metrics.average_precision(perfect.values, truth["instances"].values)\n'
+        'print("AP-50 from ground-truth maps:", round(ap_gt["AP50"], 3))\n'
+        'assert ap_gt["AP50"] >= 0.9'
+    ),
+    new_markdown_cell(
+        "The shipped *tiny* instance model is weak on noisy data (see its model card in "
+        "`cryosiam_nb/weights/tiny-instance.md`). When it finds too few particles, pick by "
+        "density instead: `maps_from_density` thresholds the denoised tomogram (Otsu) and the "
+        "same watershed + multicut splits it — a model-free baseline."
+    ),
+    new_code_cell(
+        "from cryosiam_nb.segmentation import maps_from_density\n"
+        "if len(np.unique(labels.values)) - 1 < 5:\n"
+        '    denoised = tl.predict(models.load("tiny-denoise"), noisy)["denoised"].compute()\n'
+        '    labels = tl.instances(maps_from_density(denoised, mask=truth["lamella"]), min_size=10)\n'
+        'table = tl.particles(labels, tomogram=noisy, name="sim")\n'
+        'pick = metrics.picking_scores(table[["z", "y", "x"]].to_numpy(),\n'
+        '                              simulation.particles[["z", "y", "x"]].to_numpy(), radius=4)\n'
+        'print(len(table), "particles; picking F1 vs ground truth:", round(pick["f1"], 3))\n'
+        "assert len(table) > 0\n"
+        "table.head()"
+    ),
+    new_code_cell(
+        'subs = tl.extract_subtomograms(noisy, table, instances=labels, box=32, mask="strict")\n'
+        "fig, axes = plt.subplots(2, 8, figsize=(14, 4))\n"
+        "for ax, s in zip(axes.ravel(), subs):\n"
+        '    ax.imshow(s[16], cmap="gray"); ax.axis("off")\n'
+        'plt.suptitle("central xy slices of subtomograms (strict mask)"); plt.show()'
+    ),
+    new_code_cell(
+        "from cryosiam_nb import export\n"
+        'export.write_star_relion4(table, out / "particles.star", voxel_size=10.0)\n'
+        'export.read_star(out / "particles.star").head()'
+    ),
+]
+
+NB["05_embeddings_and_cluster_curation"] = [
+    new_markdown_cell(
+        "# 5 · Embeddings and cluster curation\n\nEmbed every particle with the subtomogram "
+        "SimSiam, cluster with K-means, split chosen clusters with spectral clustering, look "
+        "at the UMAP, and curate in the explorer: select, inspect the gallery, merge, split, "
+        "exclude, undo, export."
+    ),
+    params(),
+    new_code_cell(SETUP),
+    new_code_cell(
+        "from cryosiam_nb.particles import Particles\n"
+        "simulation = sim.simulate(SHAPE, voxel_size=10.0, seed=SEED + 400,\n"
+        '                          mode="fast" if FAST else "tilt")\n'
+        'noisy, truth = simulation.volumes["noisy"], simulation.volumes\n'
+        'model = models.load("tiny-subtomo")\n'
+        "box = int(model.patch_size[0])\n"
+        'gt = simulation.particles.rename(columns={"id": "particle_id"})   # ground-truth particles\n'
+        'subs = tl.extract_subtomograms(noisy, gt, instances=truth["instances"], box=box, mask="strict")\n'
+        'parts = Particles.from_table(gt, tomogram="sim", voxel_size=10.0)\n'
+        'parts.obsm["subtomograms"] = subs\n'
+        "tl.embed(parts, model, subtomograms=subs)\n"
+        "len(parts)"
+    ),
+    new_code_cell(
+        "tl.cluster(parts, k=min(6, len(parts) // 4), seed=SEED)\n"
+        'largest = parts.obs["cluster"].value_counts().index[0]\n'
+        "tl.subcluster(parts, clusters=[largest], k=2, seed=SEED)\n"
+        "tl.umap(parts, seed=SEED)\n"
+        'pd.crosstab(parts.obs["species"], parts.obs["cluster"])'
+    ),
+    new_code_cell(
+        'u = np.asarray(parts.obsm["umap"])\n'
+        'for c in sorted(parts.obs["cluster"].unique()):\n'
+        '    sel = (parts.obs["cluster"] == c).to_numpy()\n'
+        "    plt.scatter(u[sel, 0], u[sel, 1], s=10, label=c)\n"
+        'plt.legend(fontsize=7); plt.title("UMAP coloured by cluster"); plt.show()'
+    ),
+    new_markdown_cell(
+        "## The explorer\nBox- or lasso-select points on the UMAP to see a gallery of those "
+        "particles and where they are in the tomogram; name, merge, split or exclude "
+        "clusters; export the selection to STAR / CSV / copick. In JupyterLab the app shows "
+        "inline below; `cryosiam-nb explore particles.zarr` serves the same app."
+    ),
+    new_code_cell(
+        'app = pl.explorer(parts, tomograms={"sim": noisy})\napp.panel() if not FAST else None'
+    ),
+    new_code_cell(
+        "# The same curation from Python, e.g. in a script:\n"
+        "a, b = sorted(parts.obs['cluster'].unique())[:2]\n"
+        "merged = parts.merge_clusters([a, b])\n"
+        'print("after merge:", sorted(parts.obs["cluster"].unique()))\n'
+        "parts.undo()\n"
+        'print("after undo:", sorted(parts.obs["cluster"].unique()))\n'
+        'assert a in set(parts.obs["cluster"]) and b in set(parts.obs["cluster"])\n'
+        'parts.save(out / "particles.zarr")\n'
+        'Particles.load(out / "particles.zarr")'
+    ),
+]
+
+NB["06_train_on_your_data"] = [
+    new_markdown_cell(
+        "# 6 · Train on your data\n\nSimulate tomograms that look like yours (voxel size, "
+        "defocus, thickness), pretrain the dense self-supervised backbone (DenseSimSiam), "
+        "then fine-tune task heads — all on a CPU with the `tiny` preset. On a GPU, use "
+        '`preset="paper"` and the thesis budgets (SPEC §2).'
+    ),
+    params("MY_VOXEL_SIZE = 10.0   # Å/voxel of your tomograms\nMY_DEFOCUS_UM = 3.0\n"),
+    new_code_cell(SETUP),
+    new_code_cell(
+        "from cryosiam_nb.training import finetune, pretrain_dense\n"
+        "sims = [sim.simulate(SHAPE, voxel_size=MY_VOXEL_SIZE, defocus_um=MY_DEFOCUS_UM,\n"
+        '                     seed=SEED + i, mode="fast") for i in range(2 if FAST else 4)]\n'
+        'backbone, hist_ssl = pretrain_dense(sims, preset="tiny", epochs=1 if FAST else 10,\n'
+        "                                    samples_per_epoch=4 if FAST else 64,\n"
+        '                                    seed=SEED, out=out / "ssl")\n'
+        "hist_ssl.tail()"
+    ),
+    new_code_cell(
+        'seg_model, hist = finetune("semantic", sims, backbone=backbone, freeze="encoder",\n'
+        "                           epochs=1 if FAST else 10, samples_per_epoch=4 if FAST else 32,\n"
+        '                           seed=SEED, out=out / "semantic")\n'
+        "pl.loss_curves(hist);"
+    ),
+    new_code_cell(
+        'path = models.save(seg_model, out / "my-semantic.pt")\n'
+        "again = models.load(path)\n"
+        "print(again.task, again.voxel_size, again.patch_size)\n"
+        'assert again.task == "semantic"'
+    ),
+]
+
+NB["07_published_cryosiam_checkpoints"] = [
+    new_markdown_cell(
+        "# 7 · Published CryoSiam v1.0 checkpoints\n\nIf you have the published CryoSiam "
+        "v1.0 checkpoints (Lightning `.ckpt` files), put them in a folder and set "
+        "`CKPT_DIR` below. `models.load` reads them safely (`weights_only=True`; a file "
+        "that needs arbitrary pickled objects is refused unless you pass `trusted=True`) "
+        "and checks that every key is used. Nothing is downloaded.\n\n"
+        "Without checkpoints the notebook still shows the API on a checkpoint with the "
+        "published layout and **random** weights (its predictions are meaningless)."
+    ),
+    params('CKPT_DIR = "~/cryosiam_checkpoints"\n'),
+    new_code_cell(SETUP),
+    new_code_cell(
+        'ckpts = sorted(Path(CKPT_DIR).expanduser().glob("*.ckpt"))\n'
+        "if ckpts:\n"
+        '    print("found:", *[c.name for c in ckpts], sep="\\n  ")\n'
+        "else:\n"
+        '    print(f"No .ckpt files in {CKPT_DIR}; using a random checkpoint with the published layout.")\n'
+        "    # a tiny semantic network with random weights, written in the published layout\n"
+        '    random_net = models.build("semantic", preset="tiny")\n'
+        '    ckpts = [models.export_lightning(random_net, out / "random_semantic_layout.ckpt")]'
+    ),
+    new_code_cell(
+        "model = models.load(ckpts[0])\n"
+        "print(model.task, model.patch_size, model.class_names)\n"
+        'simulation = sim.simulate(SHAPE, voxel_size=10.0, seed=SEED, mode="fast")\n'
+        'pred = tl.predict(model, simulation.volumes["noisy"], patch_size=(32, 32, 32) if FAST else None)\n'
+        "pred"
+    ),
+]
+
+
+def main() -> None:
+    folder = ROOT / "notebooks"
+    folder.mkdir(exist_ok=True)
+    for name, cells in NB.items():
+        nb = new_notebook(cells=cells)
+        nb.metadata["kernelspec"] = {
+            "name": "python3",
+            "display_name": "Python 3",
+            "language": "python",
+        }
+        nb.metadata["language_info"] = {"name": "python"}
+        nbformat.write(nb, folder / f"{name}.ipynb")
+        print("wrote", folder / f"{name}.ipynb")
+
+
+if __name__ == "__main__":
+    main()

@@ -42,6 +42,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path[:0] = [str(HERE), str(REPO)]
 from _common import emit  # noqa: E402
+from bench_denoise import simulate  # noqa: E402  (the same held-out tomograms)
 
 TEST_SEEDS = (7001, 7002, 7003)
 RADIUS = 5.0  # voxels (50 Å at 10 Å/voxel)
@@ -80,21 +81,6 @@ def load(task: str, weights: str | None):
         return models.load(src), None
     except Exception as e:  # noqa: BLE001 - any missing piece → "not available"
         return None, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-
-
-def simulate(shape: tuple[int, int, int], seed: int):
-    from cryosiam_nb import sim
-    from cryosiam_nb.training.recipe import SIM_STRUCTURES
-
-    return sim.simulate(
-        shape,
-        voxel_size=10.0,
-        sample="general",
-        seed=seed,
-        mode="fast",
-        structures=dict(SIM_STRUCTURES),
-        progress=False,
-    )
 
 
 def semantic_dice(model, vol, gt: np.ndarray) -> dict[str, float]:

@@ -250,29 +250,22 @@ def _dense_config(net: Mapping[str, Any], sd: Mapping[str, Any], source: Path) -
     dec = net.get("decoder_type")
     if dec not in (None, "fpn", "FPN"):
         raise InputError(f"{source}: decoder_type={dec!r} is not supported (only 'fpn')")
-    required = ("num_layers", "num_filters", "fpn_channels", "dim", "pred_dim", "dense_dim")
-    missing = [k for k in required if k not in net]
-    if missing:
-        raise InputError(f"{source}: hyper_parameters network lacks {missing}")
     return {
-        "in_channels": int(net.get("in_channels", 1)),
-        "block": str(net.get("block_type", "bottleneck")),
-        "layers": _as_list(net["num_layers"]),
-        "filters": _as_list(net["num_filters"]),
-        "conv1_kernel": 7,
+        **_encoder_config(net, source, ("fpn_channels", "dense_dim")),
         "fpn_channels": int(net["fpn_channels"]),
-        "dim": int(net["dim"]),
-        "pred_dim": int(net["pred_dim"]),
         "dense_dim": int(net["dense_dim"]),
         "dense_pred_dim": int(net.get("dense_pred_dim", net["dense_dim"])),
         "levels": [2, 4, 8] if net.get("include_levels_loss") else [],
         "encoder_fc": "encoder.fc.weight" in sd,
-        "no_max_pool": bool(net.get("no_max_pool", True)),
     }
 
 
-def _subtomo_config(net: Mapping[str, Any], source: Path) -> dict[str, Any]:
-    missing = [k for k in ("num_layers", "num_filters", "dim", "pred_dim") if k not in net]
+def _encoder_config(
+    net: Mapping[str, Any], source: Path, extra_required: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Encoder + global projector fields shared by DenseSimSiam and SimSiam configs."""
+    required = ("num_layers", "num_filters", "dim", "pred_dim", *extra_required)
+    missing = [k for k in required if k not in net]
     if missing:
         raise InputError(f"{source}: hyper_parameters network lacks {missing}")
     return {
@@ -392,7 +385,7 @@ def _from_lightning(ckpt: dict[str, Any], source: Path, task: str | None) -> Cry
             raise InputError(
                 f"{source}: task={task!r} requested but the checkpoint holds {found!r}"
             )
-        config = {"task": found, "preset": None, "subtomo": _subtomo_config(net, source)}
+        config = {"task": found, "preset": None, "subtomo": _encoder_config(net, source)}
         config["class_names"] = None
         prefixes = {"backbone.": "_model."}
     elif "decoder.layer1.weight" in mm:  # DenseSimSiam pretraining

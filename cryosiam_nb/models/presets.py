@@ -24,67 +24,82 @@ from .networks import HEAD_LAYOUTS, TASKS, CryoSiamModel, DenseSimSiam, SimSiam,
 
 __all__ = ["PRESETS", "build", "build_from_config", "default_class_names"]
 
+#: What every preset's encoder shares (SPEC §2): MONAI ResNet, bottleneck blocks, one block
+#: per stage, 7³ first convolution with stride 1 and no max-pool, one input channel.
+_ENCODER: dict[str, Any] = {
+    "in_channels": 1,
+    "block": "bottleneck",
+    "layers": [1, 1, 1, 1],
+    "conv1_kernel": 7,
+    "no_max_pool": True,
+}
+
+
+def _preset(
+    filters: list[int],
+    fpn: int,
+    dim: int,
+    pred_dim: int,
+    dense_dim: int,
+    dense_pred_dim: int,
+    subtomo_dim: int,
+    subtomo_pred_dim: int,
+    head_filters: list[int],
+    patch: int,
+    subtomo_box: int,
+) -> dict[str, Any]:
+    """One preset: only the sizes that differ between presets are arguments."""
+    return {
+        "backbone": {
+            **_ENCODER,
+            "filters": filters,
+            "fpn_channels": fpn,
+            "dim": dim,
+            "pred_dim": pred_dim,
+            "dense_dim": dense_dim,
+            "dense_pred_dim": dense_pred_dim,
+            "levels": [2],
+            "encoder_fc": False,
+        },
+        "subtomo": {
+            **_ENCODER,
+            "filters": filters,
+            "dim": subtomo_dim,
+            "pred_dim": subtomo_pred_dim,
+        },
+        "heads": {"filters": head_filters, "kernel_size": 3},
+        "patch_size": [patch] * 3,
+        "subtomo_box": subtomo_box,
+    }
+
+
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {
-        "backbone": {
-            "in_channels": 1,
-            "block": "bottleneck",
-            "layers": [1, 1, 1, 1],
-            "filters": [8, 16, 32, 64],
-            "conv1_kernel": 7,
-            "fpn_channels": 16,
-            "dim": 64,
-            "pred_dim": 16,
-            "dense_dim": 16,
-            "dense_pred_dim": 4,
-            "levels": [2],
-            "encoder_fc": False,
-            "no_max_pool": True,
-        },
-        "subtomo": {
-            "in_channels": 1,
-            "block": "bottleneck",
-            "layers": [1, 1, 1, 1],
-            "filters": [8, 16, 32, 64],
-            "conv1_kernel": 7,
-            "dim": 64,
-            "pred_dim": 16,
-            "no_max_pool": True,
-        },
-        "heads": {"filters": [8, 16], "kernel_size": 3},
-        "patch_size": [32, 32, 32],
-        "subtomo_box": 32,
-    },
-    "paper": {
-        "backbone": {
-            "in_channels": 1,
-            "block": "bottleneck",
-            "layers": [1, 1, 1, 1],
-            "filters": [64, 128, 256, 512],
-            "conv1_kernel": 7,
-            "fpn_channels": 128,
-            "dim": 256,
-            "pred_dim": 64,
-            "dense_dim": 64,
-            "dense_pred_dim": 16,
-            "levels": [2],
-            "encoder_fc": False,
-            "no_max_pool": True,
-        },
-        "subtomo": {
-            "in_channels": 1,
-            "block": "bottleneck",
-            "layers": [1, 1, 1, 1],
-            "filters": [64, 128, 256, 512],
-            "conv1_kernel": 7,
-            "dim": 1024,
-            "pred_dim": 256,
-            "no_max_pool": True,
-        },
-        "heads": {"filters": [32, 64], "kernel_size": 3},
-        "patch_size": [128, 128, 128],
-        "subtomo_box": 64,
-    },
+    "tiny": _preset(
+        filters=[8, 16, 32, 64],
+        fpn=16,
+        dim=64,
+        pred_dim=16,
+        dense_dim=16,
+        dense_pred_dim=4,
+        subtomo_dim=64,
+        subtomo_pred_dim=16,
+        head_filters=[8, 16],
+        patch=32,
+        subtomo_box=32,
+    ),
+    "paper": _preset(
+        filters=[64, 128, 256, 512],
+        fpn=128,
+        dim=256,
+        pred_dim=64,
+        dense_dim=64,
+        dense_pred_dim=16,
+        subtomo_dim=1024,
+        subtomo_pred_dim=256,
+        head_filters=[32, 64],
+        patch=128,
+        subtomo_box=64,
+    ),
 }
 
 _FALLBACK_SEMANTIC = ("background", "membrane", "microtubule", "particle", "actin", "dna")

@@ -1,7 +1,8 @@
 """Execute every notebook top to bottom in FAST mode (papermill-style parameter injection).
 
 Each notebook's first code cell is tagged ``parameters``; the test replaces ``FAST = False``
-with ``FAST = True`` and points outputs into a temporary folder. Key cells assert on results.
+with ``FAST = True`` and points outputs into a temporary folder (``cryosiam_nb._nbrun``, shared
+with ``scripts/screenshots.py``). Key cells assert on results.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
+
+from cryosiam_nb._nbrun import fast_client
 
 NB_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NB_DIR.glob("[0-9][0-9]_*.ipynb"))
@@ -41,18 +43,7 @@ def test_notebook_is_committed_without_outputs(path):
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_in_fast_mode(path, tmp_path):
-    nb = nbformat.read(path, as_version=4)
-    params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-    assert params, f"{path.name}: no cell tagged 'parameters'"
-    src = params[0].source
-    assert "FAST = False" in src, f"{path.name}: parameters cell must define FAST = False"
-    params[0].source = src.replace("FAST = False", "FAST = True") + f'\nOUT = r"{tmp_path}"\n'
-    client = NotebookClient(
-        nb,
-        timeout=600,
-        kernel_name="python3",
-        resources={"metadata": {"path": str(NB_DIR)}},
-    )
+    client = fast_client(path, tmp_path, timeout=600)
     env_before = dict(os.environ)
     os.environ["MPLBACKEND"] = "Agg"
     try:

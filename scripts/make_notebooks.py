@@ -65,7 +65,7 @@ NB["01_data_and_simulation"] = [
         '                          mode="fast" if FAST else "tilt")\n'
         "simulation.volumes"
     ),
-    new_code_cell("pl.slices(simulation);"),
+    new_code_cell("pl.slices(simulation)"),
     new_code_cell(
         'parts = simulation.particles\nprint(parts["size_category"].value_counts())\nparts.head()'
     ),
@@ -84,7 +84,7 @@ NB["01_data_and_simulation"] = [
         "norm"
     ),
     new_code_cell(
-        'pl.orthoslices(norm.compute(), title="normalised, protein bright");\n'
+        'display(pl.orthoslices(norm.compute(), title="normalised, protein bright"))\n'
         "assert float(norm.min()) >= 0 and float(norm.max()) <= 1\n"
         'assert tomo.attrs["voxel_size"] == 10.0'
     ),
@@ -171,7 +171,7 @@ NB["03_semantic_segmentation_and_lamella"] = [
         'pd.Series(dice, name="Dice").round(3)'
     ),
     new_code_cell(
-        'pl.slices(truth.assign(predicted=labels), variables=["noisy", "semantic", "predicted"]);\n'
+        'display(pl.slices(truth.assign(predicted=labels), variables=["noisy", "semantic", "predicted"]))\n'
         "# the tiny model separates membranes; thin filaments and particles need a bigger model\n"
         'assert dice["membrane"] > 0.2, dice'
     ),
@@ -319,7 +319,7 @@ NB["06_train_on_your_data"] = [
         'seg_model, hist = finetune("semantic", sims, backbone=backbone, freeze="encoder",\n'
         "                           epochs=1 if FAST else 10, samples_per_epoch=4 if FAST else 32,\n"
         '                           seed=SEED, out=out / "semantic")\n'
-        "pl.loss_curves(hist);"
+        "pl.loss_curves(hist)"
     ),
     new_code_cell(
         'path = models.save(seg_model, out / "my-semantic.pt")\n'
@@ -366,6 +366,8 @@ def main() -> None:
     folder.mkdir(exist_ok=True)
     for name, cells in NB.items():
         nb = new_notebook(cells=cells)
+        for i, cell in enumerate(nb.cells):  # stable ids: regenerating changes only what changed
+            cell["id"] = f"{name[:2]}-{i:02d}"
         nb.metadata["kernelspec"] = {
             "name": "python3",
             "display_name": "Python 3",

@@ -1,7 +1,9 @@
 """Static quick-look figures (matplotlib): side-by-side slices, orthogonal slices, loss curves.
 
 All functions return a :class:`matplotlib.figure.Figure` built without pyplot, so a notebook
-shows it exactly once (as the cell's value) and scripts can ``fig.savefig(...)``. Only the
+shows it exactly once (as the cell's value, or with ``display(fig)``; it renders itself as
+PNG even in a fresh kernel where pyplot was never imported) and scripts can
+``fig.savefig(...)``. Only the
 slices shown are read from (possibly dask-backed, larger-than-memory) volumes.
 """
 
@@ -14,12 +16,25 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 from matplotlib.colors import ListedColormap
-from matplotlib.figure import Figure
+from matplotlib.figure import Figure as _MplFigure
 from matplotlib.patches import Patch
 
 __all__ = ["slices", "orthoslices", "loss_curves", "SEMANTIC_COLORS"]
 
 DIMS = ("z", "y", "x")
+
+
+class Figure(_MplFigure):
+    """A matplotlib figure that Jupyter displays as PNG without pyplot's inline backend."""
+
+    def _repr_png_(self) -> bytes:
+        import io
+
+        buf = io.BytesIO()
+        self.savefig(buf, format="png", bbox_inches="tight")
+        return buf.getvalue()
+
+
 DEFAULT_VARIABLES = ("clean", "noisy", "semantic", "instances", "lamella")
 #: Colours of the semantic classes (background transparent).
 SEMANTIC_COLORS: dict[str, str] = {

@@ -109,7 +109,7 @@ NB["02_denoising"] = [
     new_code_cell(SETUP),
     new_code_cell(
         "simulation = sim.simulate(SHAPE, voxel_size=10.0, seed=SEED + 100,\n"
-        '                          mode="fast" if FAST else "tilt")\n'
+        '                          mode="tilt")\n'
         'noisy = simulation.volumes["noisy"]          # already protein bright, in [0, 1]\n'
         'clean = simulation.volumes["clean"].values\n'
         'denoiser = models.load("tiny-denoise")\n'
@@ -157,7 +157,7 @@ NB["03_semantic_segmentation_and_lamella"] = [
         "# extra membranes / filaments so that every class occurs in a small volume\n"
         'extra = {"vesicles": 12.0, "sheets": 3.0, "microtubules": 8.0, "actin": 20.0}\n'
         "simulation = sim.simulate(SHAPE, voxel_size=10.0, seed=SEED + 200, structures=extra,\n"
-        '                          mode="fast" if FAST else "tilt")\n'
+        '                          mode="tilt")\n'
         'noisy, truth = simulation.volumes["noisy"], simulation.volumes\n'
         'lam = tl.predict(models.load("tiny-lamella"), noisy)\n'
         'lamella = tl.lamella_mask(lam["probabilities"]).compute()\n'
@@ -172,7 +172,7 @@ NB["03_semantic_segmentation_and_lamella"] = [
     ),
     new_code_cell(
         'display(pl.slices(truth.assign(predicted=labels), variables=["noisy", "semantic", "predicted"]))\n'
-        "# the tiny model separates membranes; thin filaments and particles need a bigger model\n"
+        "# the tiny model finds membranes and particles; thin filaments need a bigger model\n"
         'assert dice["membrane"] > 0.2, dice'
     ),
 ]
@@ -188,7 +188,7 @@ NB["04_instances_and_particles"] = [
     new_code_cell(SETUP),
     new_code_cell(
         "simulation = sim.simulate(SHAPE, voxel_size=10.0, seed=SEED + 300,\n"
-        '                          mode="fast" if FAST else "tilt")\n'
+        '                          mode="tilt")\n'
         'noisy, truth = simulation.volumes["noisy"], simulation.volumes\n'
         'maps = tl.predict(models.load("tiny-instance"), noisy).compute()\n'
         "labels = tl.instances(maps, min_size=10)\n"
@@ -207,10 +207,12 @@ NB["04_instances_and_particles"] = [
         'assert ap_gt["AP50"] >= 0.9'
     ),
     new_markdown_cell(
-        "The shipped *tiny* instance model is weak on noisy data (see its model card in "
-        "`cryosiam_nb/weights/tiny-instance.md`). When it finds too few particles, pick by "
-        "density instead: `maps_from_density` thresholds the denoised tomogram (Otsu) and the "
-        "same watershed + multicut splits it — a model-free baseline."
+        "The shipped *tiny* instance model was trained on tilt-series tomograms at 10 Å/voxel "
+        "(see its model card in `cryosiam_nb/weights/tiny-instance.md`): it finds the larger "
+        "particles and misses many of the smallest (< 150 voxels). When it finds too few "
+        "particles (e.g. on data unlike its training set), pick by density instead: "
+        "`maps_from_density` thresholds the denoised tomogram (Otsu) and the same watershed + "
+        "multicut splits it — a model-free baseline."
     ),
     new_code_cell(
         "from cryosiam_nb.segmentation import maps_from_density\n"
@@ -250,7 +252,7 @@ NB["05_embeddings_and_cluster_curation"] = [
     new_code_cell(
         "from cryosiam_nb.particles import Particles\n"
         "simulation = sim.simulate(SHAPE, voxel_size=10.0, seed=SEED + 400,\n"
-        '                          mode="fast" if FAST else "tilt")\n'
+        '                          mode="tilt")\n'
         'noisy, truth = simulation.volumes["noisy"], simulation.volumes\n'
         'model = models.load("tiny-subtomo")\n'
         "box = int(model.patch_size[0])\n"

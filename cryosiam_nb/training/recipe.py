@@ -2,12 +2,14 @@
 
     python -m cryosiam_nb.training.recipe --out cryosiam_nb/weights
 
-Steps (fixed seeds; ~15 min on 2 CPU cores, ``--quick`` for a 1–2 min smoke run):
+Steps (fixed seeds; ``--quick`` for a 1–2 min smoke run):
 
-1. simulate ``general`` tomograms (fast mode, 10 Å/voxel, extra membranes, microtubules and
-   actin so that every class occurs) — a per-tomogram train/validation split;
+1. simulate ``general`` tomograms (tilt-series mode — per-tilt CTF, shot noise, weighted
+   back-projection, the same imaging as the demo and benchmarks —, 10 Å/voxel, extra
+   membranes, microtubules and actin so that every class occurs) — a per-tomogram
+   train/validation split;
 2. DenseSimSiam pretraining on the *clean* volumes → ``tiny-dense-ssl.pt``;
-3. heads on that backbone (encoder frozen) from the *noisy* volumes →
+3. heads on that backbone (whole network fine-tuned) from the *noisy* volumes →
    ``tiny-denoise.pt``, ``tiny-lamella.pt``, ``tiny-semantic.pt``, ``tiny-instance.pt``
    (the lamella head on extra tomograms with thinner, 24 nm samples so that the outside
    of the sample is well represented);
@@ -36,7 +38,7 @@ __all__ = ["main", "simulate_training_set", "RECIPE", "QUICK", "SIM_STRUCTURES"]
 SIM_STRUCTURES = {"vesicles": 12.0, "sheets": 3.0, "microtubules": 8.0, "actin": 20.0}
 
 RECIPE: dict[str, Any] = {
-    "sim": {"n": 8, "shape": (48, 96, 96), "voxel_size": 10.0, "seed": 2024, "mode": "fast"},
+    "sim": {"n": 8, "shape": (48, 96, 96), "voxel_size": 10.0, "seed": 2024, "mode": "tilt"},
     "dense_ssl": {
         "epochs": 12,
         "samples_per_epoch": 64,
@@ -48,15 +50,17 @@ RECIPE: dict[str, Any] = {
         "seed": 0,
     },
     "heads": {
-        "epochs": 6,
+        "epochs": 30,
         "samples_per_epoch": 32,
-        "batch_size": 2,
+        "batch_size": 4,
         "patch_size": 32,
         "lr": 3e-3,
-        "val_every": 6,
         "seed": 0,
-        "freeze": "encoder",
+        "freeze": "none",
     },
+    # epochs per head (8 steps of 4 patches each); the instance head needs the most: at 30
+    # epochs it found a fifth of the particles, at 60 almost half (held-out tilt series)
+    "head_epochs": {"denoise": 30, "lamella": 20, "semantic": 50, "instance": 80},
     "subtomo": {"box": 24, "epochs": 6, "samples_per_epoch": 64, "batch_size": 8, "seed": 0},
     "val_fraction": 0.25,
     # lamella head: thinner samples (24 nm in a 48 nm-deep volume) so that "outside" is
@@ -260,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
             data = lamella_sims
         path = out / f"{TASK_FILES[task]}.pt"
         hc = dict(cfg["heads"])
+        hc["epochs"] = cfg.get("head_epochs", {}).get(task, hc["epochs"])
+        hc.setdefault("val_every", hc["epochs"])
         model, hist = finetune(
             task,
             data,

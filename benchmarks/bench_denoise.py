@@ -15,7 +15,7 @@ Methods, all on the same volumes in one run:
   dependency because it pins torchvision). Topaz gets the raw-contrast input (dark protein)
   it was trained on, written as MRC; its output is read back and inverted.
 
-Test tomograms: ``sim.simulate(mode="fast", sample="general")`` with the training recipe's
+Test tomograms: ``sim.simulate(mode=RECIPE["sim"]["mode"], sample="general")`` (tilt series) with the training recipe's
 structure mix (:data:`cryosiam_nb.training.recipe.SIM_STRUCTURES`) and 10 Å voxels, seeds
 :data:`TEST_SEEDS` — disjoint from the recipe's training/validation seeds (2024…2031).
 
@@ -99,16 +99,16 @@ TOPAZ_PKGS = [
 
 # --------------------------------------------------------------------------- data
 def simulate(shape: tuple[int, int, int], seed: int):
-    """One held-out ``general`` tomogram like the training recipe's (fast mode, 10 Å)."""
+    """One held-out ``general`` tomogram imaged like the training recipe's (10 Å)."""
     from cryosiam_nb import sim
-    from cryosiam_nb.training.recipe import SIM_STRUCTURES
+    from cryosiam_nb.training.recipe import RECIPE, SIM_STRUCTURES
 
     return sim.simulate(
         shape,
         voxel_size=10.0,
         sample="general",
         seed=seed,
-        mode="fast",
+        mode=RECIPE["sim"]["mode"],
         structures=dict(SIM_STRUCTURES),
         progress=False,
     )

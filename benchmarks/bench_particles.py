@@ -9,6 +9,18 @@
    voxels; adjusted Rand index of k-means and of k-means + spectral vs the true species.
    Parts whose modules are missing print "not available".
 
+   The SimSiam model is the shipped ``tiny-subtomo`` (trained by the recipe on *other*
+   simulated tomograms, no labels) when its box matches ``--box``; otherwise one is trained
+   here on all the benchmark's subtomograms (no labels). (a) is ``analysis.embed(...,
+   layer=--layer, rotations=--rotations)``: by default the encoder's pooled features averaged
+   over the 12 rotations of the tetrahedral group of the box (a small network is far from
+   rotation invariant; the particles lie in random orientations). Two control rows show what
+   that choice buys: "(a) SSL projection, 1 orientation" (``model.embed`` of the box as is)
+   and "(c) PCA of rotation-averaged voxels" (the same rotation averaging applied to the raw
+   voxels before PCA). (b) refines on the classifiers' training split only and embeds with
+   the projection (what the contrastive loss trains), same rotations. Classifiers are scored
+   on the same seeded, stratified 30 % held-out split for every embedding.
+
     python benchmarks/bench_particles.py [--quick] [--skip-umap] [--skip-species]
 """
 
@@ -122,6 +134,9 @@ def bench_species(
     n_tomo: int,
     ssl_samples: int,
     model_path: str | None,
+    layer: str = "encoder",
+    rotations: int = 12,
+    threads: int = 2,
 ) -> None:
     missing = _available(
         "cryosiam_nb.sim", "cryosiam_nb.segmentation", "cryosiam_nb.models", "cryosiam_nb.training"
@@ -133,7 +148,7 @@ def bench_species(
 
     from cryosiam_nb import analysis, models, training
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     model = None
     if model_path is not None:
         model = models.load(model_path)
@@ -154,16 +169,35 @@ def bench_species(
     subs = p.obsm["subtomograms"]
     timings = {"simulate + extract": t_sim}
 
-    # (a) SimSiam pretraining on all particles' subtomograms (no labels used)
+    # (a) SimSiam: the shipped model, or one trained on all particles' subtomograms (no labels)
     t = time.perf_counter()
+    source = "given model" if model_path else ""
     try:
         if model is None:
-            model = _pretrained_or_trained(subs, box, epochs, ssl_samples)
-        analysis.embed(p, model, batch_size=64, progress=False, key="ssl")
+            model, source = _pretrained_or_trained(subs, box, epochs, ssl_samples)
     except Exception as err:  # noqa: BLE001
-        print(f"(a) SSL embeddings: not available ({type(err).__name__}: {err})")
-    timings["(a) SSL train + embed"] = time.perf_counter() - t
-    print(f"(a) done in {timings['(a) SSL train + embed']:.0f} s", flush=True)
+        print(f"(a) SSL model: not available ({type(err).__name__}: {err})")
+    timings["(a) SSL model (load or train)"] = time.perf_counter() - t
+    t = time.perf_counter()
+    if model is not None:
+        analysis.embed(
+            p,
+            model,
+            batch_size=64,
+            progress=False,
+            key="ssl_proj1",
+            layer="projection",
+            rotations=1,
+        )
+        timings["(a) embed, projection, 1 orientation"] = time.perf_counter() - t
+        t = time.perf_counter()
+        analysis.embed(
+            p, model, batch_size=64, progress=False, key="ssl", layer=layer, rotations=rotations
+        )
+        timings[f"(a) embed, {layer}, {rotations} rotations"] = time.perf_counter() - t
+    print(
+        f"(a) done in {sum(v for k, v in timings.items() if k.startswith('(a)')):.0f} s", flush=True
+    )
 
     # (b) contrastive refinement on the classifier's training split only
     t = time.perf_counter()
@@ -183,19 +217,41 @@ def bench_species(
                 seed=0,
                 progress=False,
             )
-            analysis.embed(p, refined, batch_size=64, progress=False, key="ssl_con")
+            analysis.embed(
+                p,
+                refined,
+                batch_size=64,
+                progress=False,
+                key="ssl_con",
+                layer="projection",
+                rotations=rotations,
+            )
         except Exception as err:  # noqa: BLE001
             print(f"(b) SSL + contrastive: not available ({type(err).__name__}: {err})")
     timings["(b) contrastive + embed"] = time.perf_counter() - t
     print(f"(b) done in {timings['(b) contrastive + embed']:.0f} s", flush=True)
 
-    # (c) PCA of the raw masked voxels
+    # (c) PCA of the raw masked voxels; control: PCA of the rotation-averaged voxels
     t = time.perf_counter()
     analysis.embed_pca(p, n_components=64, seed=0, progress=False, key="pca")
     timings["(c) PCA"] = time.perf_counter() - t
+    if rotations > 1:
+        x = torch.from_numpy(np.ascontiguousarray(subs)[:, None])
+        avg = sum(rot(x) for rot in analysis.cube_rotations(rotations)) / rotations
+        analysis.embed_pca(
+            p, avg[:, 0].numpy(), n_components=64, seed=0, progress=False, key="pca_rot"
+        )
 
-    reps = [("(a) SSL", "ssl", "cosine"), ("(b) SSL+contrastive", "ssl_con", "euclidean")]
-    reps.append(("(c) PCA raw masked", "pca", "cosine"))
+    emb = f"{layer}, {rotations} rotation{'s' if rotations > 1 else ''}"
+    proj = f"projection, {rotations} rotation{'s' if rotations > 1 else ''}"
+    reps = [
+        (f"(a) SSL ({emb})", "ssl", "cosine"),
+        ("(a) SSL projection, 1 orientation", "ssl_proj1", "cosine"),
+        (f"(b) SSL+contrastive ({proj})", "ssl_con", "euclidean"),
+        ("(c) PCA raw masked", "pca", "cosine"),
+    ]
+    if rotations > 1:
+        reps.append((f"(c) PCA of rotation-averaged voxels ({rotations})", "pca_rot", "cosine"))
     rows, ari_rows = [], []
     sizes = ["tiny", "small", "medium", "big", "very big"]
     t = time.perf_counter()
@@ -233,8 +289,7 @@ def bench_species(
         pd.DataFrame(rows),
         f"particles_species_f1_{mode}",
         f"Species identification F1 ({len(p)} particles, {n_species} species, box {box}, "
-        f"SSL {'given model' if model_path else f'{epochs} epochs x {ssl_samples} samples'}, "
-        f"contrastive {con_epochs} epochs x {ssl_samples} pairs)",
+        f"SSL {source}, contrastive {con_epochs} epochs x {ssl_samples} pairs)",
     )
     emit(pd.DataFrame(ari_rows), f"particles_species_ari_{mode}", "Clustering vs true species")
     emit(
@@ -245,14 +300,16 @@ def bench_species(
 
 
 def _pretrained_or_trained(subs: np.ndarray, box: int, epochs: int, samples: int):
-    """The shipped tiny subtomogram model if present (and the box matches), else train one."""
+    """The shipped tiny subtomogram model if present (and the box matches), else train one on
+    ``subs`` (no labels) with the recipe's batch size and learning rate.
+    Returns ``(model, description)``."""
     from cryosiam_nb import models, training
 
     try:
         m = models.load("tiny-subtomo")
         if tuple(m.patch_size) == (box, box, box):
             print("using shipped model tiny-subtomo")
-            return m
+            return m, "shipped tiny-subtomo"
         print(f"tiny-subtomo expects box {m.patch_size}, data box {box}: training instead")
     except Exception as err:  # noqa: BLE001
         print(f"tiny-subtomo not loadable ({type(err).__name__}); training SimSiam from scratch")
@@ -261,13 +318,23 @@ def _pretrained_or_trained(subs: np.ndarray, box: int, epochs: int, samples: int
         preset="tiny",
         box=box,
         epochs=epochs,
-        batch_size=16,
+        batch_size=32,
         samples_per_epoch=samples,
-        warmup_epochs=min(2, max(epochs - 1, 0)),
+        lr=0.05,
+        warmup_epochs=min(1, max(epochs - 1, 0)),
         seed=0,
         progress=False,
     )
-    return model
+    return model, f"trained here {epochs} epochs x {samples} samples"
+
+
+def _recipe_box() -> int:
+    """The recipe's subtomogram box (that of the shipped ``tiny-subtomo``), else 24."""
+    try:
+        from cryosiam_nb.training.recipe import RECIPE
+    except Exception:  # noqa: BLE001
+        return 24
+    return int(RECIPE["subtomo"]["box"])
 
 
 def main() -> None:
@@ -280,10 +347,19 @@ def main() -> None:
     ap.add_argument("--pca", type=int, default=None, help="PCA components before UMAP")
     ap.add_argument("--epochs", type=int, default=None, help="SimSiam epochs")
     ap.add_argument("--con-epochs", type=int, default=None, help="contrastive epochs")
-    ap.add_argument("--box", type=int, default=None, help="subtomogram box (voxels)")
+    ap.add_argument(
+        "--box", type=int, default=None, help="subtomogram box (voxels; default: the recipe's)"
+    )
     ap.add_argument("--n-tomo", type=int, default=None, help="simulated tomograms")
     ap.add_argument("--ssl-samples", type=int, default=None, help="SSL samples/pairs per epoch")
     ap.add_argument("--model", default=None, help="trained subtomo_ssl checkpoint to use")
+    ap.add_argument(
+        "--layer", default="encoder", choices=("encoder", "projection"), help="(a) embedding"
+    )
+    ap.add_argument(
+        "--rotations", type=int, default=12, choices=(1, 4, 12, 24), help="rotation averaging"
+    )
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = ap.parse_args()
     if not args.skip_umap:
         n = args.umap_n or (5_000 if args.quick else 1_000_000)
@@ -291,16 +367,19 @@ def main() -> None:
         row = bench_umap(n, 256, max_fit, args.pca)
         emit(pd.DataFrame([row]), f"particles_umap_{n}", "UMAP (2-D, n_neighbors=10, min_dist=0)")
     if not args.skip_species:
-        epochs = args.epochs or (1 if args.quick else 20)
-        con = args.con_epochs or (1 if args.quick else 10)
+        epochs = args.epochs or (1 if args.quick else 8)
+        con = args.con_epochs or (1 if args.quick else 4)
         bench_species(
             args.quick,
             epochs,
             con,
-            box=args.box or (16 if args.quick else 32),
+            box=args.box or (16 if args.quick else _recipe_box()),
             n_tomo=args.n_tomo or (2 if args.quick else 8),
-            ssl_samples=args.ssl_samples or (32 if args.quick else 512),
+            ssl_samples=args.ssl_samples or (32 if args.quick else 256),
             model_path=args.model,
+            layer=args.layer,
+            rotations=args.rotations,
+            threads=args.threads,
         )
 
 

@@ -62,7 +62,9 @@ def test_embed_batches_and_stores_normalised_embeddings():
     rng = np.random.default_rng(1)
     boxes = rng.uniform(size=(50, 8, 8, 8)).astype(np.float32)
     model = TinyEmbedder()
-    emb = A.embed(p, model, subtomograms=boxes, batch_size=16, progress=False, key="ssl")
+    emb = A.embed(
+        p, model, subtomograms=boxes, batch_size=16, progress=False, key="ssl", rotations=1
+    )
     assert emb.shape == (50, 16) and emb.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     assert model.calls == [(16, 1, 8, 8, 8)] * 3 + [(2, 1, 8, 8, 8)]
@@ -95,6 +97,73 @@ def test_embed_bad_input():
         A.embed(p, TinyEmbedder(), subtomograms=np.zeros((9, 8, 8, 8)), progress=False)
     with pytest.raises(InputError, match="empty selection"):
         A.embed(p.subset([]), TinyEmbedder(), subtomograms=np.zeros((0, 8, 8, 8)))
+
+
+@pytest.mark.parametrize("n", [1, 4, 12, 24])
+def test_cube_rotations_form_a_group_of_distinct_rotations(n):
+    cube = torch.randn(1, 1, 5, 5, 5, generator=torch.Generator().manual_seed(0))
+    group = A.cube_rotations(n)
+    images = {g(cube).numpy().tobytes() for g in group}
+    assert len(group) == n and len(images) == n
+    # closed under composition, so the average over the group is invariant to its elements
+    assert {g(h(cube)).numpy().tobytes() for g in group for h in group} == images
+    # proper rotations only: no element equals a mirror image of the box
+    mirrored = {g(torch.flip(cube, (4,))).numpy().tobytes() for g in A.cube_rotations(24)}
+    assert not images & mirrored
+    with pytest.raises(InputError, match="rotations"):
+        A.cube_rotations(6)
+
+
+def test_embed_rotation_average_is_invariant_to_the_group():
+    p = _blobs(n=6)
+    boxes = np.random.default_rng(4).uniform(size=(6, 8, 8, 8)).astype(np.float32)
+    model = TinyEmbedder()
+    one = A.embed(p, model, subtomograms=boxes, progress=False, key="one", rotations=1)
+    avg = A.embed(p, model, subtomograms=boxes, progress=False, key="avg", rotations=12)
+    assert avg.shape == one.shape == (6, 16)
+    np.testing.assert_allclose(np.linalg.norm(avg, axis=1), 1.0, atol=1e-5)
+    assert not np.allclose(one, avg, atol=1e-3)
+    assert (
+        p.uns["embed"]["avg"]["rotations"] == 12 and p.uns["embed"]["avg"]["layer"] == "projection"
+    )
+    for g in A.cube_rotations(12):
+        turned = g(torch.from_numpy(boxes[:, None]))[:, 0].numpy()
+        again = A.embed(p, model, subtomograms=turned, progress=False, key="turned", rotations=12)
+        np.testing.assert_allclose(again, avg, atol=1e-5)
+    with pytest.raises(InputError, match="rotations"):
+        A.embed(p, model, subtomograms=boxes, progress=False, rotations=3)
+    with pytest.raises(InputError, match="cubic"):
+        A.embed(p, model, subtomograms=np.zeros((6, 8, 8, 6), np.float32), rotations=4)
+
+
+def test_embed_encoder_layer_gives_pooled_features_of_a_simsiam():
+    from cryosiam_nb import models
+
+    torch.manual_seed(0)
+    model = models.build("subtomo_ssl", "tiny", patch_size=(8, 8, 8))
+    p = _blobs(n=6)
+    boxes = np.random.default_rng(5).uniform(size=(6, 8, 8, 8)).astype(np.float32)
+    emb = A.embed(p, model, subtomograms=boxes, progress=False, layer="encoder", rotations=1)
+    auto = A.embed(p, model, subtomograms=boxes, progress=False, key="auto", rotations=1)
+    np.testing.assert_array_equal(auto, emb)  # "auto" picks the encoder of a SimSiam
+    enc = model.backbone.encoder
+    fc, enc.fc = enc.fc, torch.nn.Identity()
+    model.eval()  # embed() runs the model in eval mode (BatchNorm running statistics)
+    try:
+        with torch.no_grad():
+            direct = model.backbone(torch.from_numpy(boxes[:, None]))
+    finally:
+        enc.fc = fc
+    direct = torch.nn.functional.normalize(direct, dim=1).numpy()
+    assert emb.shape == direct.shape and emb.shape[1] != model.embedding_dim
+    np.testing.assert_allclose(emb, direct, atol=1e-5)
+    assert not enc.fc._forward_pre_hooks  # the capture hook is removed again
+    proj = A.embed(p, model, subtomograms=boxes, progress=False, key="proj", layer="projection")
+    assert proj.shape == (6, model.embedding_dim)
+    with pytest.raises(InputError, match="layer='encoder'"):
+        A.embed(p, TinyEmbedder(), subtomograms=boxes, progress=False, layer="encoder")
+    with pytest.raises(InputError, match="layer must be"):
+        A.embed(p, model, subtomograms=boxes, progress=False, layer="pooled")
 
 
 def test_embed_pca_baseline_separates_distinct_templates():

@@ -369,7 +369,18 @@ def pretrain_subtomo(
             voxel_size=vs,
             patch_size=[box] * 3,
             data_summary=summary,
-            training={"kind": "subtomo_ssl", "epochs": epochs, "lr": lr, "seed": seed},
+            training={
+                "kind": "subtomo_ssl",
+                "epochs": epochs,
+                "batch_size": batch_size,
+                "samples_per_epoch": samples_per_epoch,
+                "lr": lr,
+                "warmup_epochs": warmup_epochs,
+                "image": image if summary.get("source") != "array" else None,
+                "mask": mask,
+                "max_translation": shift,
+                "seed": seed,
+            },
         ),
     )
     return model, history

@@ -10,10 +10,17 @@ intensity of a noise-free voxel is already a strong feature for background/parti
 the tiny SSL model beat the random encoder but not raw intensities in our run). Three
 feature sets:
 
-(a) ``ssl``    — the frozen SSL dense embedding ``model.backbone(x)`` (D = 32),
+(a) ``ssl``    — the frozen SSL network's voxel representation: its FPN pyramid
+    (p2…p5, coarser levels trilinearly upsampled to the voxel grid and concatenated;
+    4 × 16 = 64 channels for ``tiny``) — like SimSiam's linear evaluation, the probe reads
+    the representation *before* the projector,
 (b) ``random`` — the same network randomly initialised and frozen (its BatchNorm
-    statistics re-estimated on the data, which only helps this baseline),
+    statistics re-estimated on the data, which only helps this baseline), same layer,
 (c) ``raw``    — the raw voxel intensity (a 1×1×1 linear head on one feature).
+
+Two control rows probe the projector output ``model.backbone(x)`` (the dense embedding the
+SSL loss acts on and the task heads read; 16-d for ``tiny``) of (a) and (b); the verdict
+line compares (a), (b), (c) as defined above.
 
 Usage::
 
@@ -33,13 +40,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cryosiam_nb import metrics, models  # noqa: E402
 from cryosiam_nb.training import pretrain_dense  # noqa: E402
 from cryosiam_nb.training.data import as_tomograms  # noqa: E402
-from cryosiam_nb.training.finetune import predict_volume  # noqa: E402
 from cryosiam_nb.training.recipe import RECIPE, simulate_training_set  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -66,11 +73,30 @@ def _calibrate_bn(model: torch.nn.Module, tomos, crop: int, n: int = 16, seed: i
 
 
 def _features(kind: str, model, vol: np.ndarray) -> np.ndarray:
-    """(n_voxels, D) features of a volume."""
+    """(n_voxels, D) features of a volume: raw intensity, the FPN pyramid (``ssl``,
+    ``random``) or the projector output (``… projector``), by MONAI sliding windows (the
+    model's patch, overlap 0.5, Gaussian blending)."""
+    from monai.inferers import sliding_window_inference
+
     if kind == "raw":
         return vol.reshape(-1, 1).astype(np.float32)
-    emb = predict_volume(model, vol, overlap=0.5)["embedding"]
-    return emb.reshape(emb.shape[0], -1).T.astype(np.float32)
+    net = model.backbone
+
+    def layer(x: torch.Tensor) -> torch.Tensor:
+        _, pyramid = net.features(x)
+        if kind.endswith("projector"):
+            return net.projector(pyramid[0])
+        size = pyramid[0].shape[2:]
+        up = [F.interpolate(p, size=size, mode="trilinear", align_corners=False) for p in pyramid]
+        return torch.cat(up, dim=1)
+
+    model.eval()
+    with torch.inference_mode():
+        x = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))[None, None]
+        out = sliding_window_inference(
+            x, tuple(model.patch_size), 4, layer, overlap=0.5, mode="gaussian"
+        )
+    return out[0].reshape(out.shape[1], -1).T.numpy()
 
 
 def _sample_voxels(labels: np.ndarray, per_class: int, rng) -> np.ndarray:
@@ -146,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     rand = models.build("dense_ssl", "tiny")
     _calibrate_bn(rand, ssl_t, int(ssl_cfg["crop_size"]), seed=args.seed)
     rows = []
-    for kind, model in (("ssl", ssl), ("random", rand), ("raw", None)):
+    runs = [("ssl", ssl), ("random", rand), ("raw", None)]
+    runs += [("ssl projector", ssl), ("random projector", rand)]
+    for kind, model in runs:
         d = probe(kind, model, probe_t, test_t, per_class, args.seed)
         rows.append({"features": kind, **{k: d[k] for k in (*CLASSES, "mean")}})
     df = pd.DataFrame(rows).set_index("features")

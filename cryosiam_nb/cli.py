@@ -114,7 +114,7 @@ def _cmd_embed(args: argparse.Namespace) -> None:
     table, _ = export.read_csv(args.table)
     parts = Particles.from_table(table, voxel_size=float(data.attrs["voxel_size"]))
     subs = tl.extract_subtomograms(data, table, box=args.box)
-    tl.embed(parts, model, subtomograms=subs, device=args.device)
+    tl.embed(parts, model, subtomograms=subs, device=args.device, rotations=args.rotations)
     parts.save(args.output)
     print(f"embedded {len(parts)} particles → {args.output}")
 
@@ -202,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None)
     p.add_argument("--trusted", action="store_true")
     p.add_argument("--box", type=int, default=None, help="subtomogram box (voxels)")
+    p.add_argument(
+        "--rotations",
+        type=int,
+        default=12,
+        choices=(1, 4, 12, 24),
+        help="average the embedding over this many exact box rotations (1 = fastest)",
+    )
     p.set_defaults(func=_cmd_embed)
 
     p = sub.add_parser("cluster", help="k-means clusters and a 2-D UMAP of embedded particles")

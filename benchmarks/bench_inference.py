@@ -200,6 +200,14 @@ def main() -> None:
         action="store_true",
         help="run the tiny model on the whole 1024×1024×256 tomogram whatever --budget says",
     )
+    ap.add_argument(
+        "--block",
+        type=int,
+        nargs=3,
+        default=(96, 288, 288),
+        metavar=("Z", "Y", "X"),
+        help="block (voxels) for the chunked/monolithic side-by-side ratio",
+    )
     args = ap.parse_args()
     tiny = f"tiny-{args.model}"
 
@@ -249,7 +257,7 @@ def main() -> None:
         else:
             # the side-by-side ratio: chunked and monolithic on the same block, one after the
             # other, before the (long) main run
-            region = (96, 288, 288)
+            region = tuple(args.block)
             res, peak = chunked([job(region, args.model, "probe")])
             rows.append(_row("chunked → zarr", tiny, region, res[0], peak))
             rate = res[0]["voxels"] / res[0]["wall_s"]

@@ -186,6 +186,19 @@ def _row(name, model, shape, res, peak) -> dict:
     }
 
 
+def _monolithic_only(args: argparse.Namespace, tiny: str) -> None:
+    """One monolithic MONAI sliding window over ``--block`` of a memory-mapped tomogram."""
+    block = tuple(args.block)
+    with tempfile.TemporaryDirectory(prefix="bench_inference_") as tmpd:
+        mrc = Path(tmpd) / "tomo.mrc"
+        make_tomogram(mrc, block)
+        res, peak = _run_child(
+            "child_monolithic", mrc=str(mrc), region=block, model=args.model, overlap=args.overlap
+        )
+    row = _row("monolithic (in memory)", tiny, block, res, peak)
+    emit(pd.DataFrame([row]), "inference_monolithic", "Monolithic sliding window (MONAI)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="CI-sized run (< 1 min)")
@@ -208,8 +221,17 @@ def main() -> None:
         metavar=("Z", "Y", "X"),
         help="block (voxels) for the chunked/monolithic side-by-side ratio",
     )
+    ap.add_argument(
+        "--monolithic-only",
+        action="store_true",
+        help="only the monolithic run on --block (e.g. the whole 256 1024 1024 tomogram, to "
+        "set beside a --full-size chunked run)",
+    )
     args = ap.parse_args()
     tiny = f"tiny-{args.model}"
+    if args.monolithic_only:
+        _monolithic_only(args, tiny)
+        return
 
     rows: list[dict] = []
     notes: list[str] = []

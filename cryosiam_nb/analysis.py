@@ -190,15 +190,15 @@ def embed(
         raise InputError(f"embed: batch_size must be ≥ 1, got {batch_size}")
     if layer not in ("auto", "projection", "encoder"):
         raise InputError(f"embed: layer must be 'auto', 'projection' or 'encoder', got {layer!r}")
-    if layer == "auto":
+    fc = None
+    if layer != "projection":
         try:
-            _projector_input(model)
-            layer = "encoder"
+            fc = _projector_input(model)
         except InputError:
-            layer = "projection"
-    if rotations not in ROTATION_GROUPS:
-        raise InputError(f"embed: rotations must be one of {ROTATION_GROUPS}, got {rotations!r}")
-    group = cube_rotations(int(rotations))
+            if layer == "encoder":
+                raise
+        layer = "projection" if fc is None else "encoder"
+    group = cube_rotations(rotations)  # checks rotations
     stack = _subtomograms(particles, subtomograms, "embed")
     n = int(stack.shape[0])
     if len(group) > 1 and len(set(map(int, stack.shape[1:]))) != 1:
@@ -209,10 +209,8 @@ def embed(
     model = model.to(dev)
     captured: dict[str, Any] = {}
     hook = None
-    if layer == "encoder":
-        hook = _projector_input(model).register_forward_pre_hook(
-            lambda _mod, args: captured.__setitem__("x", args[0])
-        )
+    if fc is not None:
+        hook = fc.register_forward_pre_hook(lambda _mod, args: captured.__setitem__("x", args[0]))
     was_training = bool(getattr(model, "training", False))
     model.eval()
     chunks: list[np.ndarray] = []

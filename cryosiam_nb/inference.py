@@ -437,7 +437,8 @@ def predict(
         ``None`` → each worker picks cuda → mps → cpu; mixed precision on CUDA (``amp``).
     chunks
         Output chunk (z, y, x) in voxels: a multiple of the window stride and ≥ the patch;
-        default ≈128 voxels per axis. Memory per running chunk ≈ (chunk + patch)³ ×
+        default two patches per axis, at most 128 voxels (64 for the tiny models' 32³
+        patch), rounded up to the stride. Memory per running chunk ≈ (chunk + patch)³ ×
         (output channels + 2) × 4 bytes.
     sigma_scale
         Gaussian blending sigma as a fraction of the patch (MONAI's default 0.125).

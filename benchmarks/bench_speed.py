@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         df,
         "speed_quick" if args.quick else "speed",
         "Speed and memory, each figure as a ratio to its baseline in the same run "
-        "(shared, loaded machine: compare ratios, not absolute times)",
+        "(absolute times depend on what else the machine runs: compare ratios)",
     )
     return df
 

@@ -12,17 +12,21 @@ Measures, per size (CPU, wall-clock seconds):
 - ``answer``: box + gallery + sel_frame (what a user waits for after a box drag).
 
 Usage: ``python benchmarks/bench_explorer.py [--quick]`` (quick: 10k and 100k). Writes
-``benchmarks/results/bench_explorer.{csv,md}``. Target: first frame and answer < 2 s at 1M.
+``benchmarks/results/bench_explorer[_quick].{csv,md}``. Target: first frame and answer < 2 s at 1M.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emit  # noqa: E402
 
 
 def make_particles(n: int, n_clusters: int = 30, seed: int = 0, tomo_shape=(64, 512, 512)):
@@ -120,13 +124,14 @@ def main() -> None:
     args = ap.parse_args()
     sizes = args.sizes or ([10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000])
     df = run(sizes)
-    print("\nexplorer server-side timings (s, CPU):")
-    print(df.to_string(index=False))
-    out = Path(__file__).resolve().parent / "results"
-    out.mkdir(exist_ok=True)
-    df.to_csv(out / "bench_explorer.csv", index=False)
-    (out / "bench_explorer.md").write_text(
-        df.to_markdown(index=False) if _has_tabulate() else df.to_string(index=False)
+    # each time as a ratio to the smallest particle count in the same run
+    for col in ("first_frame_s", "answer_s"):
+        df[col.removesuffix("_s") + " ratio"] = (df[col] / df[col].iloc[0]).round(2)
+    emit(
+        df,
+        "bench_explorer" + ("_quick" if args.quick else ""),
+        "Explorer server-side timings (s, CPU) vs particle count; ratios to the "
+        f"{int(df['n_particles'].iloc[0]):,}-particle row",
     )
     big = df.iloc[-1]
     ok = big["first_frame_s"] < 2 and big["answer_s"] < 2
@@ -134,14 +139,6 @@ def main() -> None:
         f"\ntarget (< 2 s first frame and answer at {int(big['n_particles']):,}): "
         + ("met" if ok else "NOT met")
     )
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 if __name__ == "__main__":

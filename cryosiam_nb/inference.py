@@ -133,7 +133,7 @@ def _plan_axis(size: int, patch: int, overlap: float, chunk: int, axis: str) -> 
 
 
 def _default_chunk(size: int, patch: int, overlap: float) -> int:
-    """About 128 voxels (at least one and at most two patches), a multiple of the stride."""
+    """Two patches, capped at 128 voxels but never below one patch, rounded up to the stride."""
     if size <= patch:
         return size
     stride = _scan_interval(size, patch, overlap)
@@ -437,8 +437,8 @@ def predict(
         ``None`` → each worker picks cuda → mps → cpu; mixed precision on CUDA (``amp``).
     chunks
         Output chunk (z, y, x) in voxels: a multiple of the window stride and ≥ the patch;
-        default two patches per axis, at most 128 voxels (64 for the tiny models' 32³
-        patch), rounded up to the stride. Memory per running chunk ≈ (chunk + patch)³ ×
+        default two patches per axis, capped at 128 voxels but never below one patch (64
+        for the tiny models' 32³ patch), rounded up to the stride. Memory per running chunk ≈ (chunk + patch)³ ×
         (output channels + 2) × 4 bytes.
     sigma_scale
         Gaussian blending sigma as a fraction of the patch (MONAI's default 0.125).

@@ -171,7 +171,7 @@ def load_model(name: str, weights: str | None = None):
 def run_model(model, noisy: np.ndarray) -> np.ndarray:
     from cryosiam_nb import tl
 
-    ds = tl.predict(model, noisy)
+    ds = tl.predict(noisy, model)
     return np.asarray(ds["denoised"].compute().values, dtype=np.float32)
 
 

@@ -55,7 +55,7 @@ def make_particles(n: int, n_clusters: int = 30, seed: int = 0, tomo_shape=(64, 
 
 
 def run(sizes: list[int], seed: int = 0) -> pd.DataFrame:
-    from cryosiam_nb.pl.explorer import Explorer
+    from cryosiam_nb.pl.curation import Explorer
 
     rng = np.random.default_rng(seed)
     tomo = rng.normal(size=(64, 512, 512)).astype(np.float32)

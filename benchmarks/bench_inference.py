@@ -9,7 +9,7 @@ Measures, each in a fresh interpreter (peak RSS = the child's own VmHWM):
 3. memory at full size: the whole 1024×1024×256 (1 GiB) memory-mapped tomogram streamed
    to zarr through ``predict`` with a one-layer conforming model (so that it finishes on a
    laptop CPU) — peak RSS;
-4. mask: a tomogram whose lamella covers half the volume, with and without ``mask=``.
+4. mask: a tomogram whose lamella covers half the volume, with and without ``roi=``.
 
 The chunked runs use what a user gets by default: as many dask threads as cores, and
 torch's default intra-op threads. The tiny model's throughput decides the main run: the
@@ -118,7 +118,7 @@ def child_chunked(
             m = np.load(job["mask"], mmap_mode="r")[:z, :y, :x]
         t0 = time.perf_counter()
         with dask.config.set(scheduler="threads", num_workers=workers):
-            ds = predict(net, tomo, batch_size=2, mask=m, overlap=overlap)
+            ds = predict(tomo, net, batch_size=2, roi=m, overlap=overlap)
             write_predictions(ds, job["out"], progress=False)
         results.append({"wall_s": time.perf_counter() - t0, "voxels": int(z * y * x)})
     return results

@@ -104,9 +104,9 @@ for s in range(n_tomo):
     vols = simulate(shape, seed=1000 + s).volumes
     gt = vols["instances"].values
     noisy = vols["noisy"]
-    den = pp.normalize(tl.predict(den_model, noisy)["denoised"].compute(), invert=False)
+    den = pp.normalize(tl.predict(noisy, den_model)["denoised"].compute(), invert=False)
     for name, vol in (("noisy", noisy), ("denoised", den)):
-        maps = tl.predict(inst_model, vol).compute()
+        maps = tl.predict(vol, inst_model).compute()
         inst = segmentation.instances(maps, progress=False)
         ap = metrics.average_precision(inst.values, gt, thresholds=[0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8])
         rows[name].append([ap[f"AP{{t}}"] for t in (50, 55, 60, 65, 70, 75, 80)])

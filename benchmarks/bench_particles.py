@@ -58,8 +58,9 @@ p = Particles(obs, {{"embedding": x}})
 del x
 t1 = time.perf_counter()
 c1 = time.process_time()
-u = analysis.umap(p, n_neighbors=10, min_dist=0.0, seed=0, pca={pca}, max_fit={max_fit},
-                  progress=False)
+analysis.umap(p, n_neighbors=10, min_dist=0.0, seed=0, pca={pca}, max_fit={max_fit},
+              progress=False)
+u = p.obsm["umap"]
 t2 = time.perf_counter()
 assert u.shape == (n, 2) and np.isfinite(u).all()
 print('GEN_SECONDS', t1 - t0)
@@ -111,7 +112,7 @@ def simulate_particles(n_tomo: int, shape: tuple[int, int, int], box: int, cap: 
             table.rename(columns={"id": "particle_id"}),
             instances=s.volumes["instances"],
             box=box,
-            mask="strict",
+            masking="strict",
             progress=False,
         )
         p.obsm["subtomograms"] = boxes.astype(np.float32)
@@ -185,14 +186,20 @@ def bench_species(
             model,
             batch_size=64,
             progress=False,
-            key="ssl_proj1",
+            key_added="ssl_proj1",
             layer="projection",
             rotations=1,
         )
         timings["(a) embed, projection, 1 orientation"] = time.perf_counter() - t
         t = time.perf_counter()
         analysis.embed(
-            p, model, batch_size=64, progress=False, key="ssl", layer=layer, rotations=rotations
+            p,
+            model,
+            batch_size=64,
+            progress=False,
+            key_added="ssl",
+            layer=layer,
+            rotations=rotations,
         )
         timings[f"(a) embed, {layer}, {rotations} rotations"] = time.perf_counter() - t
     print(
@@ -203,7 +210,7 @@ def bench_species(
     t = time.perf_counter()
     if model is not None:
         try:
-            train_ids, _ = analysis.train_test_ids(p, "species", 0.3, 0)
+            train_ids, _ = analysis.train_test_ids(p, labels_key="species", test_size=0.3, seed=0)
             pos = p.obs.index.get_indexer(train_ids)
             refined = copy.deepcopy(model)
             refined, _ = training.refine_contrastive(
@@ -222,7 +229,7 @@ def bench_species(
                 refined,
                 batch_size=64,
                 progress=False,
-                key="ssl_con",
+                key_added="ssl_con",
                 layer="projection",
                 rotations=rotations,
             )
@@ -233,13 +240,18 @@ def bench_species(
 
     # (c) PCA of the raw masked voxels; control: PCA of the rotation-averaged voxels
     t = time.perf_counter()
-    analysis.embed_pca(p, n_components=64, seed=0, progress=False, key="pca")
+    analysis.embed_pca(p, n_components=64, seed=0, progress=False, key_added="pca")
     timings["(c) PCA"] = time.perf_counter() - t
     if rotations > 1:
         x = torch.from_numpy(np.ascontiguousarray(subs)[:, None])
         avg = sum(rot(x) for rot in analysis.cube_rotations(rotations)) / rotations
         analysis.embed_pca(
-            p, avg[:, 0].numpy(), n_components=64, seed=0, progress=False, key="pca_rot"
+            p,
+            subtomograms=avg[:, 0].numpy(),
+            n_components=64,
+            seed=0,
+            progress=False,
+            key_added="pca_rot",
         )
 
     emb = f"{layer}, {rotations} rotation{'s' if rotations > 1 else ''}"
@@ -261,20 +273,20 @@ def bench_species(
             continue
         for clf, kwargs in (("kNN k=1 " + metric, {"metric": metric, "k": 1}), ("MLP", {})):
             method = "knn" if clf.startswith("kNN") else "mlp"
-            res = analysis.evaluate_classifier(p, method, use=key, seed=0, **kwargs)
+            res = analysis.evaluate_classifier(p, method=method, use_rep=key, seed=0, **kwargs)
             row = {"embedding": name, "classifier": clf, "mean F1": round(res["macro_f1"], 3)}
             per = res["per_size_category"].set_index("size_category")["f1"]
             for s in sizes:
                 row[f"F1 {s}"] = round(float(per[s]), 3) if s in per.index else "-"
             rows.append(row)
         k1 = n_species
-        analysis.cluster(p, k=k1, seed=0, key=f"km_{key}", use=key)
-        ari_km = analysis.adjusted_rand(p, key=f"km_{key}")
+        analysis.cluster(p, k=k1, seed=0, key_added=f"km_{key}", use_rep=key)
+        ari_km = analysis.adjusted_rand(p, labels_key=f"km_{key}")
         k0 = max(2, math.ceil(n_species / 2))
-        analysis.cluster(p, k=k0, seed=0, key=f"ks_{key}", use=key)
+        analysis.cluster(p, k=k0, seed=0, key_added=f"ks_{key}", use_rep=key)
         big = [c for c, n in p.obs[f"ks_{key}"].value_counts().items() if n >= 3]
-        analysis.subcluster(p, big, k=None, seed=0, key=f"ks_{key}", use=key)
-        ari_two = analysis.adjusted_rand(p, key=f"ks_{key}")
+        analysis.subcluster(p, big, k=None, seed=0, key_added=f"ks_{key}", use_rep=key)
+        ari_two = analysis.adjusted_rand(p, labels_key=f"ks_{key}")
         ari_rows.append(
             {
                 "embedding": name,

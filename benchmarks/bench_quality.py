@@ -14,7 +14,7 @@ the recipe's 2024…2031):
    :data:`RADIUS` voxels (``metrics.picking_scores``). Per true size category: recall =
    matched true particles / true particles of that category; precision counts a match as a
    true positive of its true particle's category and an unmatched prediction as a false
-   positive of the category of its own volume (``segmentation.size_category``).
+   positive of the category of its own volume (``constants.size_category``).
 
 Every input is normalised as the recipe's training data (``pp.normalize(invert=False)``:
 0.1/99.9 % clip → [0, 1]); "denoised" = ``tiny-denoise`` output on the normalised noisy
@@ -88,7 +88,7 @@ def semantic_dice(model, vol, gt: np.ndarray) -> dict[str, float]:
     from cryosiam_nb import metrics, tl
     from cryosiam_nb.sim import SEMANTIC_CLASSES
 
-    pred = np.asarray(tl.predict(model, vol)["labels"].compute().values)
+    pred = np.asarray(tl.predict(vol, model)["labels"].compute().values)
     names = tuple(model.class_names or SEMANTIC_CLASSES)
     lut = np.zeros(max(len(names), 1), dtype=np.int64)
     for i, n in enumerate(names):
@@ -101,7 +101,7 @@ def instance_scores(model, vol, gt: np.ndarray, truth: pd.DataFrame) -> tuple[di
     """AP at :data:`AP_T` and the per-size-category picking counts on one input."""
     from cryosiam_nb import metrics, segmentation, tl
 
-    maps = tl.predict(model, vol).compute()
+    maps = tl.predict(vol, model).compute()
     inst = segmentation.instances(maps, progress=False)
     ap = metrics.average_precision(inst.values, gt, thresholds=[t / 100 for t in AP_T])
     table = segmentation.particles(inst)
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         v = s.volumes
         vols = {k: pp.normalize(v[k], invert=False).compute() for k in ("clean", "noisy")}
         if den is not None:
-            d = tl.predict(den, vols["noisy"])["denoised"].compute()
+            d = tl.predict(vols["noisy"], den)["denoised"].compute()
             vols["denoised"] = pp.normalize(d, invert=False).compute()
         for name in inputs:
             if sem is not None:

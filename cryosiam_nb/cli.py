@@ -73,12 +73,11 @@ def _cmd_normalize(args: argparse.Namespace) -> None:
 
 def _predict_to(args: argparse.Namespace, default_model: str) -> Any:
     from cryosiam_nb import models, tl
-    from cryosiam_nb.inference import write_predictions
 
     model = models.load(args.model or default_model, trusted=args.trusted)
     data = _load_input(args, model)
-    ds = tl.predict(model, data, device=args.device)
-    write_predictions(ds, args.output)
+    ds = tl.predict(data, model, device=args.device)
+    tl.write_predictions(ds, args.output)
     print(f"wrote {args.output}")
     return ds
 
@@ -96,12 +95,12 @@ def _cmd_instances(args: argparse.Namespace) -> None:
 
     model = models.load(args.model or "tiny-instance", trusted=args.trusted)
     data = _load_input(args, model)
-    maps = tl.predict(model, data, device=args.device).compute()
+    maps = tl.predict(data, model, device=args.device).compute()
     labels = tl.instances(maps, min_size=args.min_size)
     table = tl.particles(labels, name=args.input.stem)
     args.output.mkdir(parents=True, exist_ok=True)
     io.write(labels.astype("uint32"), args.output / "instances.zarr", overwrite=True)
-    export.write_csv(table, args.output / "particles.csv", float(data.attrs["voxel_size"]))
+    export.write(table, args.output / "particles.csv", voxel_size=float(data.attrs["voxel_size"]))
     print(f"{len(table)} particles → {args.output / 'particles.csv'}")
 
 
@@ -132,7 +131,7 @@ def _cmd_cluster(args: argparse.Namespace) -> None:
 
 
 def _cmd_explore(args: argparse.Namespace) -> None:
-    from cryosiam_nb.pl.explorer import main as explore_main
+    from cryosiam_nb.pl.curation import main as explore_main
 
     explore_main([str(args.particles), "--port", str(args.port)])
 

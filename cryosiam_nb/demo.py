@@ -55,9 +55,7 @@ def run_demo(
     Returns a dict with the metrics table, timings and output paths.
     """
     from cryosiam_nb import export, io, metrics, models, pp, sim, tl
-    from cryosiam_nb.inference import lamella_mask
     from cryosiam_nb.particles import Particles
-    from cryosiam_nb.segmentation import maps_from_density
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -88,24 +86,24 @@ def run_demo(
     t0 = _step("read + normalise", t0, timings)
 
     # ---------------------------------------------------------------- dense predictions
-    den = tl.predict(denoiser, data)["denoised"].compute()
+    den = tl.predict(data, denoiser)["denoised"].compute()
     io.write(den, out / "denoised.zarr", overwrite=True)
     t0 = _step("denoise", t0, timings)
 
     lam_model = models.load("tiny-lamella")
-    lam_probs = tl.predict(lam_model, data)["probabilities"]
-    lamella = lamella_mask(lam_probs, progress=False).compute()
+    lam_probs = tl.predict(data, lam_model)["probabilities"]
+    lamella = tl.lamella_mask(lam_probs, progress=False).compute()
     if int(lamella.sum()) == 0:
         lamella = lamella.copy(data=np.ones(lamella.shape, dtype=lamella.dtype))
     t0 = _step("lamella mask", t0, timings)
 
     sem_model = models.load("tiny-semantic")
-    sem = tl.predict(sem_model, data, mask=lamella).compute()
+    sem = tl.predict(data, sem_model, roi=lamella).compute()
     io.write(sem["labels"], out / "semantic.zarr", overwrite=True)
     t0 = _step("semantic segmentation", t0, timings)
 
     inst_model = models.load("tiny-instance")
-    maps = tl.predict(inst_model, data, mask=lamella).compute()
+    maps = tl.predict(data, inst_model, roi=lamella).compute()
     labels = tl.instances(maps, min_size=10, progress=False)
     picker = "tiny-instance model"
     n_model = int(len(np.unique(labels.values)) - 1)
@@ -120,7 +118,7 @@ def run_demo(
             flush=True,
         )
         picker = "density threshold of the denoised tomogram"
-        dmaps = maps_from_density(den, mask=lamella)
+        dmaps = tl.maps_from_density(den, roi=lamella)
         labels = tl.instances(dmaps, min_size=10, progress=False)
     io.write(labels.astype(np.uint32), out / "instances.zarr", overwrite=True)
     table = tl.particles(labels, tomogram=data, semantic=sem["labels"], name=name)
@@ -131,7 +129,7 @@ def run_demo(
         raise RuntimeError("the instance model found no particles; nothing to embed")
     sub_model = models.load("tiny-subtomo")
     box = int(sub_model.patch_size[0])
-    subs = tl.extract_subtomograms(data, table, instances=labels, box=box, mask="strict")
+    subs = tl.extract_subtomograms(data, table, instances=labels, box=box, masking="strict")
     parts = Particles.from_table(table, tomogram=name, voxel_size=vs)
     parts.obsm["subtomograms"] = subs
     tl.embed(parts, sub_model, subtomograms=subs)
@@ -144,12 +142,14 @@ def run_demo(
     t0 = _step("embed + cluster + UMAP", t0, timings)
 
     # ---------------------------------------------------------------- exports
-    df = parts.obs.reset_index()
+    # The voxel size comes from the particles' voxel_size column (Å).
     paths = {
-        "relion4": export.write_star_relion4(df, out / "particles_relion4.star", vs),
-        "relion5": export.write_star_relion5(df, out / "particles_relion5.star", vs, data.shape),
-        "csv": export.write_csv(df, out / "particles.csv", vs),
-        "copick": export.write_copick(df, out / "copick", vs, object_name="cluster")[0].parent,
+        "relion4": export.write(parts, out / "particles_relion4.star", format="relion4"),
+        "relion5": export.write(
+            parts, out / "particles_relion5.star", format="relion5", tomogram_shape=data.shape
+        ),
+        "csv": export.write(parts, out / "particles.csv"),
+        "copick": export.write(parts, out / "copick", format="copick", object_name="cluster"),
     }
     parts.save(out / "particles.zarr")
     paths["particles"] = out / "particles.zarr"
@@ -223,6 +223,7 @@ def _write_report(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from cryosiam_nb import pl
     from cryosiam_nb.io import atomic_path
 
     z = data.shape[0] // 2
@@ -244,14 +245,8 @@ def _write_report(
     fig.suptitle(f"central xy slice z = {z} (voxel size {data.attrs['voxel_size']:.1f} Å)")
     slices_html = _fig_to_html(fig)
 
-    umap = np.asarray(parts.obsm["umap"])
     clusters = parts.obs["cluster"].astype(str).to_numpy()
-    fig, ax = plt.subplots(figsize=(5, 4.2))
-    for c in sorted(set(clusters)):
-        sel = clusters == c
-        ax.scatter(umap[sel, 0], umap[sel, 1], s=12, label=c)
-    ax.set_title("particle UMAP coloured by cluster")
-    ax.legend(fontsize=7, markerscale=1.5, loc="best", ncol=2)
+    fig = pl.umap(parts, color="cluster", size=12, title="particle UMAP coloured by cluster")
     umap_html = _fig_to_html(fig)
 
     timing_df = pd.DataFrame(

@@ -59,6 +59,21 @@ def percentiles(
     bins; pass 3 re-histograms inside the bin that holds each requested rank, giving a
     resolution of (max − min) / bins² — far below 1e-3 of the clipped range in practice.
     Uses numpy's "linear" definition (rank = q/100 · (n − 1)).
+
+    Parameters
+    ----------
+    data
+        Volume (z, y, x): ``DataArray``, numpy or dask array. Dask computes here (three
+        streaming passes, one chunk in memory at a time).
+    q
+        Percentiles in % (0–100).
+    bins
+        Histogram bins of the second pass.
+
+    Returns
+    -------
+    tuple of float
+        One value per ``q``, in the volume's intensity units.
     """
     arr = as_dataarray(data)
     x = arr.data if isinstance(arr.data, da.Array) else da.from_array(np.asarray(arr.data))
@@ -176,6 +191,24 @@ def rescale(
     the input) before interpolation (spline ``order``, default linear). Each output
     chunk reads only the input slab it needs (plus a halo), so memory stays bounded.
     The physical extent is kept: output shape = round(input shape · old / new).
+
+    Parameters
+    ----------
+    data
+        Tomogram ``DataArray`` (z, y, x) carrying ``attrs["voxel_size"]`` (Å).
+    voxel_size
+        Target voxel size in Å.
+    order
+        Spline order of the interpolation (0 nearest, 1 linear, 3 cubic).
+    chunks
+        Output chunks in voxels (z, y, x); default up to 128³.
+
+    Returns
+    -------
+    xarray.DataArray
+        Lazy (dask) float32 volume on the new grid: ``attrs["voxel_size"]`` = ``voxel_size``,
+        ``attrs["rescaled_from"]`` = the old one (Å), coordinates ``index * voxel_size``
+        (Å). Nothing is computed until used.
     """
     arr = as_dataarray(data)
     old = float(arr.attrs.get("voxel_size", 0) or 0)
@@ -211,12 +244,9 @@ def rescale(
         )
     out = da.block(blocks.tolist())
     res = xr.DataArray(out, dims=DIMS, name=arr.name, attrs=dict(arr.attrs))
-    res.attrs["voxel_size"] = float(voxel_size)
     res.attrs["rescaled_from"] = old
-    coords = {
-        d: (np.arange(n) + 0.5) * float(voxel_size) - 0.5 * old for d, n in zip(DIMS, out_shape)
-    }
-    return res.assign_coords(coords)
+    # Same coordinate convention as io.read (index * voxel size, Å): one carrier, one rule.
+    return as_dataarray(res, voxel_size=float(voxel_size))
 
 
 def _resample_block(

@@ -51,6 +51,8 @@ from monai.transforms import (
 )
 from scipy.spatial.transform import Rotation
 
+from cryosiam_nb.io import InputError
+
 __all__ = [
     "RandGaussianNoiseRenormd",
     "RandLowPassd",
@@ -280,21 +282,64 @@ def box_overlap(box1: np.ndarray, box2: np.ndarray) -> np.ndarray | None:
 
 
 def overlap_slices(
-    box1: np.ndarray, box2: np.ndarray
+    box1: np.ndarray | Sequence[Sequence[int]],
+    box2: np.ndarray | Sequence[Sequence[int]],
+    *,
+    factor: int = 1,
+    shape1: Sequence[int] | None = None,
+    shape2: Sequence[int] | None = None,
 ) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
-    """Slices ``(z, y, x)`` selecting the shared voxels inside view 1 and inside view 2.
+    """Slices (z, y, x) selecting the shared voxels inside view 1 and inside view 2.
 
-    Boxes are in region coordinates ``[[z0, z1], [y0, y1], [x0, x1]]``. Raises
-    ``ValueError`` when the boxes do not overlap."""
-    inter = box_overlap(box1, box2)
-    if inter is None:
-        raise ValueError(
-            f"boxes {np.asarray(box1).tolist()} and {np.asarray(box2).tolist()} do not overlap"
+    The one definition used by the crop-pair transform and by the DenseSimSiam loss
+    (:func:`cryosiam_nb.models.losses.dense_simsiam_loss`).
+
+    Parameters
+    ----------
+    box1, box2
+        Where each view was cropped, in voxels of the shared region, as
+        ``[[z0, z1], [y0, y1], [x0, x1]]`` (end exclusive) — the layout of the
+        ``box_1``/``box_2`` entries of :class:`RandOverlappingCropPaird`.
+    factor
+        Resolution of the maps the slices index: map voxel ``j`` of a view at level
+        ``factor`` covers region voxels ``start + factor·j … start + factor·(j+1) − 1``.
+        The overlap is shrunk to the map voxels lying entirely inside it; both views get
+        the same number of voxels (exact correspondence when the crop offsets are
+        multiples of ``factor``).
+    shape1, shape2
+        Spatial shapes of the two maps; the slices are clipped to them.
+
+    Returns
+    -------
+    tuple of tuple of slice
+        ``(slices into view 1, slices into view 2)``, three slices each.
+
+    Raises
+    ------
+    InputError
+        (a ``ValueError``) when the boxes do not overlap at this level.
+    """
+    a, b = np.asarray(box1, dtype=np.int64), np.asarray(box2, dtype=np.int64)
+    if a.shape != (3, 2) or b.shape != (3, 2):
+        raise InputError(
+            f"boxes: expected [[z0, z1], [y0, y1], [x0, x1]], got shapes {a.shape}, {b.shape}"
         )
-    b1, b2 = np.asarray(box1), np.asarray(box2)
-    s1 = tuple(slice(int(lo - o), int(hi - o)) for (lo, hi), o in zip(inter, b1[:, 0]))
-    s2 = tuple(slice(int(lo - o), int(hi - o)) for (lo, hi), o in zip(inter, b2[:, 0]))
-    return s1, s2
+    f = int(factor)
+    lo, hi = np.maximum(a[:, 0], b[:, 0]), np.minimum(a[:, 1], b[:, 1])
+    s1, s2 = [], []
+    for ax in range(3):
+        st1 = -(-(lo[ax] - a[ax, 0]) // f)  # ceil
+        st2 = -(-(lo[ax] - b[ax, 0]) // f)
+        n = min((hi[ax] - a[ax, 0]) // f - st1, (hi[ax] - b[ax, 0]) // f - st2)
+        if shape1 is not None:
+            n = min(n, shape1[ax] - st1)
+        if shape2 is not None:
+            n = min(n, shape2[ax] - st2)
+        if n <= 0:
+            raise InputError(f"boxes {a.tolist()} and {b.tolist()} do not overlap at level {f}")
+        s1.append(slice(int(st1), int(st1 + n)))
+        s2.append(slice(int(st2), int(st2 + n)))
+    return tuple(s1), tuple(s2)
 
 
 class RandOverlappingCropPaird(RandomizableTransform, MapTransform):

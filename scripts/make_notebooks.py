@@ -116,7 +116,7 @@ NB["02_denoising"] = [
         "denoiser"
     ),
     new_code_cell(
-        'denoised = tl.predict(denoiser, noisy)["denoised"].compute()\n'
+        'denoised = tl.predict(noisy, denoiser)["denoised"].compute()\n'
         "from scipy import ndimage\n"
         "gauss = ndimage.gaussian_filter(noisy.values, 1.0)\n"
         "table = pd.DataFrame({\n"
@@ -139,8 +139,7 @@ NB["02_denoising"] = [
         "held in memory."
     ),
     new_code_cell(
-        "from cryosiam_nb.inference import write_predictions\n"
-        'write_predictions(tl.predict(denoiser, noisy), out / "denoised.zarr")\n'
+        'tl.write_predictions(tl.predict(noisy, denoiser), out / "denoised.zarr")\n'
         'io.read(out / "denoised.zarr/denoised")'
     ),
 ]
@@ -159,12 +158,12 @@ NB["03_semantic_segmentation_and_lamella"] = [
         "simulation = sim.simulate(SHAPE, voxel_size=10.0, seed=SEED + 200, structures=extra,\n"
         '                          mode="tilt")\n'
         'noisy, truth = simulation.volumes["noisy"], simulation.volumes\n'
-        'lam = tl.predict(models.load("tiny-lamella"), noisy)\n'
+        'lam = tl.predict(noisy, models.load("tiny-lamella"))\n'
         'lamella = tl.lamella_mask(lam["probabilities"]).compute()\n'
         'print("lamella Dice:", metrics.dice(lamella.values, truth["lamella"].values)["mean"])'
     ),
     new_code_cell(
-        'seg = tl.predict(models.load("tiny-semantic"), noisy, mask=lamella).compute()\n'
+        'seg = tl.predict(noisy, models.load("tiny-semantic"), roi=lamella).compute()\n'
         'labels = tl.postprocess_semantic(seg["labels"], min_size=20).compute()\n'
         "names = {i: n for i, n in enumerate(sim.SEMANTIC_CLASSES) if i}\n"
         'dice = metrics.dice(labels.values, truth["semantic"].values, classes=names)\n'
@@ -190,7 +189,7 @@ NB["04_instances_and_particles"] = [
         "simulation = sim.simulate(SHAPE, voxel_size=10.0, seed=SEED + 300,\n"
         '                          mode="tilt")\n'
         'noisy, truth = simulation.volumes["noisy"], simulation.volumes\n'
-        'maps = tl.predict(models.load("tiny-instance"), noisy).compute()\n'
+        'maps = tl.predict(noisy, models.load("tiny-instance")).compute()\n'
         "labels = tl.instances(maps, min_size=10)\n"
         'ap = metrics.average_precision(labels.values, truth["instances"].values)\n'
         'pd.Series({k: ap[k] for k in ("AP50", "AP60", "AP70", "AP80", "mean")}).round(3)'
@@ -200,8 +199,7 @@ NB["04_instances_and_particles"] = [
         "ground-truth instances (this is the upper bound of the post-processing itself)."
     ),
     new_code_cell(
-        "from cryosiam_nb.segmentation import maps_from_labels\n"
-        'perfect = tl.instances(maps_from_labels(truth["instances"]), min_size=5)\n'
+        'perfect = tl.instances(tl.maps_from_labels(truth["instances"]), min_size=5)\n'
         'ap_gt = metrics.average_precision(perfect.values, truth["instances"].values)\n'
         'print("AP-50 from ground-truth maps:", round(ap_gt["AP50"], 3))\n'
         'assert ap_gt["AP50"] >= 0.9'
@@ -215,10 +213,9 @@ NB["04_instances_and_particles"] = [
         "multicut splits it — a model-free baseline."
     ),
     new_code_cell(
-        "from cryosiam_nb.segmentation import maps_from_density\n"
         "if len(np.unique(labels.values)) - 1 < 5:\n"
-        '    denoised = tl.predict(models.load("tiny-denoise"), noisy)["denoised"].compute()\n'
-        '    labels = tl.instances(maps_from_density(denoised, mask=truth["lamella"]), min_size=10)\n'
+        '    denoised = tl.predict(noisy, models.load("tiny-denoise"))["denoised"].compute()\n'
+        '    labels = tl.instances(tl.maps_from_density(denoised, roi=truth["lamella"]), min_size=10)\n'
         'table = tl.particles(labels, tomogram=noisy, name="sim")\n'
         'pick = metrics.picking_scores(table[["z", "y", "x"]].to_numpy(),\n'
         '                              simulation.particles[["z", "y", "x"]].to_numpy(), radius=4)\n'
@@ -227,7 +224,7 @@ NB["04_instances_and_particles"] = [
         "table.head()"
     ),
     new_code_cell(
-        'subs = tl.extract_subtomograms(noisy, table, instances=labels, box=32, mask="strict")\n'
+        'subs = tl.extract_subtomograms(noisy, table, instances=labels, box=32, masking="strict")\n'
         "fig, axes = plt.subplots(2, 8, figsize=(14, 4))\n"
         "for ax, s in zip(axes.ravel(), subs):\n"
         '    ax.imshow(s[16], cmap="gray"); ax.axis("off")\n'
@@ -235,7 +232,7 @@ NB["04_instances_and_particles"] = [
     ),
     new_code_cell(
         "from cryosiam_nb import export\n"
-        'export.write_star_relion4(table, out / "particles.star", voxel_size=10.0)\n'
+        'export.write(table, out / "particles.star", format="relion4", voxel_size=10.0)\n'
         'export.read_star(out / "particles.star").head()'
     ),
 ]
@@ -250,15 +247,14 @@ NB["05_embeddings_and_cluster_curation"] = [
     params(),
     new_code_cell(SETUP),
     new_code_cell(
-        "from cryosiam_nb.particles import Particles\n"
         "simulation = sim.simulate(SHAPE, voxel_size=10.0, seed=SEED + 400,\n"
         '                          mode="tilt")\n'
         'noisy, truth = simulation.volumes["noisy"], simulation.volumes\n'
         'model = models.load("tiny-subtomo")\n'
         "box = int(model.patch_size[0])\n"
         'gt = simulation.particles.rename(columns={"id": "particle_id"})   # ground-truth particles\n'
-        'subs = tl.extract_subtomograms(noisy, gt, instances=truth["instances"], box=box, mask="strict")\n'
-        'parts = Particles.from_table(gt, tomogram="sim", voxel_size=10.0)\n'
+        'subs = tl.extract_subtomograms(noisy, gt, instances=truth["instances"], box=box, masking="strict")\n'
+        'parts = cs.Particles.from_table(gt, tomogram="sim", voxel_size=10.0)\n'
         'parts.obsm["subtomograms"] = subs\n'
         "tl.embed(parts, model, subtomograms=subs)\n"
         "len(parts)"
@@ -270,13 +266,8 @@ NB["05_embeddings_and_cluster_curation"] = [
         "tl.umap(parts, seed=SEED)\n"
         'pd.crosstab(parts.obs["species"], parts.obs["cluster"])'
     ),
-    new_code_cell(
-        'u = np.asarray(parts.obsm["umap"])\n'
-        'for c in sorted(parts.obs["cluster"].unique()):\n'
-        '    sel = (parts.obs["cluster"] == c).to_numpy()\n'
-        "    plt.scatter(u[sel, 0], u[sel, 1], s=10, label=c)\n"
-        'plt.legend(fontsize=7); plt.title("UMAP coloured by cluster"); plt.show()'
-    ),
+    new_code_cell('pl.umap(parts, color="cluster")'),
+    new_code_cell('pl.umap(parts, color="species")   # the ground truth, for comparison'),
     new_markdown_cell(
         "## The explorer\nBox- or lasso-select points on the UMAP to see a gallery of those "
         "particles and where they are in the tomogram; name, merge, split or exclude "
@@ -295,7 +286,7 @@ NB["05_embeddings_and_cluster_curation"] = [
         'print("after undo:", sorted(parts.obs["cluster"].unique()))\n'
         'assert a in set(parts.obs["cluster"]) and b in set(parts.obs["cluster"])\n'
         'parts.save(out / "particles.zarr")\n'
-        'Particles.load(out / "particles.zarr")'
+        'cs.Particles.load(out / "particles.zarr")'
     ),
 ]
 
@@ -357,7 +348,7 @@ NB["07_published_cryosiam_checkpoints"] = [
         "model = models.load(ckpts[0])\n"
         "print(model.task, model.patch_size, model.class_names)\n"
         'simulation = sim.simulate(SHAPE, voxel_size=10.0, seed=SEED, mode="fast")\n'
-        'pred = tl.predict(model, simulation.volumes["noisy"], patch_size=(32, 32, 32) if FAST else None)\n'
+        'pred = tl.predict(simulation.volumes["noisy"], model, patch_size=(32, 32, 32) if FAST else None)\n'
         "pred"
     ),
 ]

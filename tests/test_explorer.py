@@ -9,12 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-pytest.importorskip("panel")
-pytest.importorskip("datashader")
-
-from cryosiam_nb.io import InputError  # noqa: E402
-from cryosiam_nb.particles import Particles  # noqa: E402
-from cryosiam_nb.pl.explorer import (  # noqa: E402
+from cryosiam_nb.io import InputError
+from cryosiam_nb.particles import Particles
+from cryosiam_nb.pl.curation import (
     EXCLUDED_LABEL,
     Explorer,
     explorer,
@@ -23,7 +20,8 @@ from cryosiam_nb.pl.explorer import (  # noqa: E402
     points_in_lasso,
     render_umap,
 )
-from cryosiam_nb.pl.viewer import slice_viewer  # noqa: E402
+from cryosiam_nb.pl.viewer import slice_viewer
+from cryosiam_nb.segmentation.subtomograms import crop_box
 
 CENTRES = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
 TOMO_SHAPE = (32, 96, 96)
@@ -146,8 +144,17 @@ def test_thumbnails_cut_from_tomograms_when_no_subtomograms():
     sub = ex.subtomogram(ex.selected_ids[0])
     assert sub.shape == (12, 12, 12)
     assert sub[5:8, 5:8, 5:8].mean() > 1.5  # the ball sits in the box centre
+    # The thumbnail box is the one shared extractor's box (same rounding, zero padding).
+    pid = ex.selected_ids[0]
+    row = p.obs.loc[pid]
+    want = crop_box(tomos[row["tomogram"]], (row.z, row.y, row.x), 12)
+    np.testing.assert_array_equal(sub, want)
     img = png_array(ex.gallery_items()[0]["xz"])
     assert img[10:14, 10:14].mean() > img[:3, :3].mean() + 50
+    p.obs.loc[pid, ["z", "y", "x"]] = (0.4, 95.6, 3.0)  # near the corner: padded with 0
+    edge = ex.subtomogram(pid)
+    np.testing.assert_array_equal(edge, crop_box(tomos[row["tomogram"]], (0.4, 95.6, 3.0), 12))
+    assert (edge[:6] == 0).all()
     no_tomo = explorer(make_particles(subtomograms=False))
     no_tomo.select_box(-3, -3, 3, 3)
     with pytest.raises(InputError, match="tomogram"):
@@ -271,6 +278,33 @@ def test_export_formats_hold_the_selection(tmp_path):
     ex.clear_selection()
     with pytest.raises(InputError, match="no particles"):
         ex.export(tmp_path / "empty.star", "relion4")
+
+
+def test_export_goes_through_export_write(tmp_path, monkeypatch):
+    from cryosiam_nb import export
+
+    calls = []
+    real = export.write
+
+    def spy(data, path, **kw):
+        calls.append((data, path, kw))
+        return real(data, path, **kw)
+
+    monkeypatch.setattr(export, "write", spy)
+    p = make_particles()
+    ex = explorer(p, shapes={"tomoA": TOMO_SHAPE, "tomoB": (40, 64, 64)})
+    ex.select_clusters(["1"])
+    ex.export(tmp_path / "s.csv", "CSV (Å)")
+    ex.export(tmp_path / "r5.star", "relion5")
+    assert [c[2]["format"] for c in calls] == ["csv", "relion5"]
+    assert sorted(calls[0][0]["particle_id"]) == cluster_ids(p, "1")
+    # Tomograms of different shapes: one STAR, each row centred on its own tomogram.
+    assert calls[1][2]["tomogram_shape"] == {"tomoA": TOMO_SHAPE, "tomoB": (40, 64, 64)}
+    r5 = export.read_star(tmp_path / "r5.star").set_index("particle_id")
+    obs = p.obs.loc[r5.index]
+    half_x = np.where(obs["tomogram"] == "tomoA", 48.0, 32.0)
+    np.testing.assert_allclose(r5["x_A"], (obs["x"].to_numpy() - half_x) * 10.0, atol=1e-3)
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "r5.star", tmp_path / "s.csv"]  # no temp files
 
 
 def test_export_and_save_buttons_write_files(tmp_path):

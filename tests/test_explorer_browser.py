@@ -88,7 +88,7 @@ def served():
     apps = []
 
     def app():
-        from cryosiam_nb.pl.explorer import Explorer
+        from cryosiam_nb.pl.curation import Explorer
 
         ex = Explorer(particles, tomograms=tomograms, width=520, height=420)
         apps.append(ex)
@@ -114,7 +114,7 @@ def test_box_select_gallery_merge_undo_export_in_chromium(chromium_browser, serv
     from playwright.sync_api import expect
 
     from cryosiam_nb.export import read_star
-    from cryosiam_nb.pl.explorer import points_in_box
+    from cryosiam_nb.pl.curation import points_in_box
 
     url, apps, particles = served
     page = chromium_browser.new_page(viewport={"width": 1400, "height": 1150})

@@ -109,3 +109,92 @@ def test_missing_columns_and_bad_voxel_size(tmp_path, table):
         export.write_csv(table.drop(columns="z"), tmp_path / "x.csv", 5.0)
     with pytest.raises(InputError, match="voxel_size"):
         export.write_star_relion4(table, tmp_path / "x.star", 0.0)
+
+
+# ---------------------------------------------------------------------- export.write
+def _text(path):
+    """File text without starfile's time-stamped comment line."""
+    return "\n".join(
+        ln for ln in path.read_text().splitlines() if not ln.startswith("# Created by")
+    )
+
+
+@pytest.mark.parametrize(
+    ("fmt", "name", "writer"),
+    [
+        ("relion4", "a.star", lambda df, p: export.write_star_relion4(df, p, 6.8)),
+        ("relion5", "a.star", lambda df, p: export.write_star_relion5(df, p, 6.8, (50, 200, 300))),
+        ("csv", "a.csv", lambda df, p: export.write_csv(df, p, 6.8)),
+    ],
+)
+def test_write_gives_the_writers_file(tmp_path, table, fmt, name, writer):
+    want = writer(table, tmp_path / "want" / name)
+    shape = (50, 200, 300) if fmt == "relion5" else None
+    got = export.write(
+        table, tmp_path / "got" / name, format=fmt, voxel_size=6.8, tomogram_shape=shape
+    )
+    assert got == tmp_path / "got" / name
+    assert _text(got) == _text(want)
+
+
+def test_write_copick_gives_the_writers_files(tmp_path, table):
+    want = export.write_copick(table, tmp_path / "want", 6.8, object_name="cluster")
+    root = export.write(
+        table, tmp_path / "got", format="copick", voxel_size=6.8, object_name="cluster"
+    )
+    assert root == tmp_path / "got"
+    got = sorted(root.rglob("*.json"))
+    assert [p.relative_to(root) for p in got] == sorted(
+        p.relative_to(tmp_path / "want") for p in want
+    )
+    for g in got:
+        assert g.read_text() == (tmp_path / "want" / g.relative_to(root)).read_text()
+
+
+def test_write_particles_object_and_voxel_size_column(tmp_path, table):
+    from cryosiam_nb.particles import Particles
+
+    parts = Particles.from_table(table.assign(voxel_size=6.8))
+    parts.uns["tomogram_shapes"] = {"TS_01": [50, 200, 300], "TS_02": [40, 100, 100]}
+    # The voxel size comes from the table's column; the format from the suffix.
+    star = export.write(parts, tmp_path / "p.star")
+    want = export.write_star_relion4(parts.obs.reset_index(), tmp_path / "w.star", 6.8)
+    assert _text(star) == _text(want)
+    back = export.read_csv(export.write(parts, tmp_path / "p.csv"))[0]
+    assert back["particle_id"].tolist() == parts.obs.index.tolist()
+    # RELION 5 with tomograms of different shapes: the shapes come from uns, per tomogram.
+    r5 = export.read_star(export.write(parts, tmp_path / "r5.star", format="relion5"))
+    obs = parts.obs
+    half = np.where(obs["tomogram"] == "TS_01", 150.0, 50.0)
+    np.testing.assert_allclose(r5["x_A"], (obs["x"].to_numpy() - half) * 6.8)
+    np.testing.assert_allclose(
+        r5["z_A"], (obs["z"].to_numpy() - np.where(half == 150, 25, 20)) * 6.8
+    )
+    with pytest.raises(InputError, match="disagrees"):
+        export.write(parts, tmp_path / "x.star", voxel_size=5.0)
+
+
+def test_write_format_errors(tmp_path, table):
+    assert export.format_of("a.star") == "relion4" and export.format_of("a.CSV") == "csv"
+    assert export.format_of("x", "Warp") == "relion4"
+    with pytest.raises(InputError, match="suffix"):
+        export.write(table, tmp_path / "a.txt", voxel_size=5.0)
+    with pytest.raises(InputError, match="unknown"):
+        export.write(table, tmp_path / "a.star", format="pdf", voxel_size=5.0)
+    with pytest.raises(InputError, match="voxel_size"):
+        export.write(table, tmp_path / "a.star")
+    with pytest.raises(InputError, match="several voxel sizes"):
+        export.write(table.assign(voxel_size=[5.0] * 6 + [6.0]), tmp_path / "a.star")
+    with pytest.raises(InputError, match="shape"):
+        export.write(table, tmp_path / "a.star", format="relion5", voxel_size=5.0)
+    with pytest.raises(InputError, match=r"no tomogram shape for \['TS_02'\]"):
+        export.write(
+            table,
+            tmp_path / "a.star",
+            format="relion5",
+            voxel_size=5.0,
+            tomogram_shape={"TS_01": (50, 200, 300)},
+        )
+    with pytest.raises(InputError, match="DataFrame"):
+        export.write(table.to_numpy(), tmp_path / "a.star", voxel_size=5.0)
+    assert list(tmp_path.iterdir()) == []

@@ -7,6 +7,7 @@ import threading
 
 import dask
 import dask.array as da
+import distributed
 import numpy as np
 import pytest
 import torch
@@ -15,6 +16,7 @@ from monai.inferers import sliding_window_inference
 from scipy import ndimage
 from torch import nn
 
+from cryosiam_nb import io, models
 from cryosiam_nb.inference import (
     lamella_mask,
     postprocess_semantic,
@@ -104,7 +106,7 @@ def test_chunked_equals_monolithic_96x128x128():
     """Acceptance: chunked == one monolithic MONAI sliding_window_inference within 1e-4."""
     vol, arr = _tomo((96, 128, 128))
     model = ToyNet("denoise", patch=BIG, dim=2).eval()
-    ds = predict(model, arr, overlap=0.5, chunks=(32, 48, 64), batch_size=4)
+    ds = predict(arr, model, overlap=0.5, chunks=(32, 48, 64), batch_size=4)
     assert isinstance(ds["denoised"].data, da.Array)  # lazy
     assert ds["denoised"].data.chunksize == (32, 48, 64)
     got = ds["denoised"].values
@@ -115,7 +117,7 @@ def test_chunked_equals_monolithic_96x128x128():
 def test_semantic_heads_match_monolithic():
     vol, arr = _tomo((40, 48, 56))
     model = ToyNet("semantic").eval()
-    got = predict(model, arr, chunks=(16, 32, 32)).compute()
+    got = predict(arr, model, chunks=(16, 32, 32)).compute()
     ref = _monolithic(model, vol)
     prob_ref = torch.softmax(ref["logits"][0], 0).numpy()
     dist_ref = torch.tanh(ref["distance"][0]).numpy()
@@ -141,7 +143,7 @@ def test_semantic_heads_match_monolithic():
 def test_chunked_equals_monolithic_non_divisible(shape, patch, overlap, chunks):
     vol, arr = _tomo(shape, seed=3, chunks=(7, 13, 11))
     model = ToyNet("instance", patch=patch).eval()
-    ds = predict(model, arr, patch_size=patch, overlap=overlap, chunks=chunks).compute()
+    ds = predict(arr, model, patch_size=patch, overlap=overlap, chunks=chunks).compute()
     ref = _monolithic(model, vol, patch, overlap)
     np.testing.assert_allclose(
         ds["foreground"].values, torch.sigmoid(ref["foreground"][0, 0]).numpy(), atol=1e-5
@@ -169,18 +171,18 @@ def test_outputs_per_task_dtypes_dims_coords():
         "dense_ssl": {"embedding": (np.float16, ("feature", "z", "y", "x"))},
     }
     for task, variables in expect.items():
-        ds = predict(ToyNet(task), arr)
+        ds = predict(arr, ToyNet(task))
         assert set(ds.data_vars) == set(variables), task
         for name, (dtype, dims) in variables.items():
             assert ds[name].dtype == dtype, (task, name)
             assert ds[name].dims == dims, (task, name)
         np.testing.assert_array_equal(ds["z"].values, arr["z"].values)
         assert ds.attrs["voxel_size"] == 10.0
-    ds = predict(ToyNet("semantic"), arr).compute()
+    ds = predict(arr, ToyNet("semantic")).compute()
     assert list(ds["class"].values) == ["c0", "c1", "c2"]
     np.testing.assert_allclose(ds["probabilities"].sum("class").values, 1.0, atol=5e-3)
     assert ds["labels"].max() <= 2
-    emb = predict(ToyNet("dense_ssl"), arr)["embedding"]
+    emb = predict(arr, ToyNet("dense_ssl"))["embedding"]
     assert emb.sizes["feature"] == 4
 
 
@@ -188,22 +190,22 @@ def test_each_window_runs_the_model_once():
     """All heads come from one pass, and chunking adds no window evaluations."""
     vol, arr = _tomo((40, 48, 56))
     model = ToyNet("semantic").eval()
-    ds = predict(model, arr, chunks=(16, 16, 32), batch_size=1)
+    ds = predict(arr, model, chunks=(16, 16, 32), batch_size=1)
     n0 = model.calls  # predict itself is lazy
     dask.compute(ds["probabilities"], ds["labels"], ds["distance"])
     n_windows = 4 * 5 * 6  # MONAI's grid: (40-16)/8+1, (48-16)/8+1, (56-16)/8+1
     assert model.calls - n0 == n_windows
 
 
-def test_mask_skips_chunks_and_is_exact_inside():
+def test_roi_skips_chunks_and_is_exact_inside():
     vol, arr = _tomo((48, 64, 64))
     model = ToyNet("denoise", seed=2).eval()
-    full = predict(model, arr, chunks=32, batch_size=1)["denoised"].values
+    full = predict(arr, model, chunks=32, batch_size=1)["denoised"].values
     n_full = model.calls
     mask = np.zeros(vol.shape, np.uint8)
     mask[20:30, 8:40, 10:50] = 1  # a small box: most chunks have no sample
     model.calls = 0
-    ds = predict(model, arr, chunks=32, batch_size=1, mask=mask)
+    ds = predict(arr, model, chunks=32, batch_size=1, roi=mask)
     n_dry = model.calls
     got = ds["denoised"].values
     n_masked = model.calls - n_dry
@@ -214,14 +216,14 @@ def test_mask_skips_chunks_and_is_exact_inside():
     assert np.all(got[~inside] == 0)
     # an all-zero mask runs nothing
     model.calls = 0
-    empty = predict(model, arr, chunks=32, mask=np.zeros(vol.shape, np.uint8))
+    empty = predict(arr, model, chunks=32, roi=np.zeros(vol.shape, np.uint8))
     assert float(empty["denoised"].max()) == 0.0 and model.calls == 0
 
 
 def test_write_predictions_streams_to_zarr(tmp_path):
     vol, arr = _tomo((40, 48, 56))
     model = ToyNet("semantic").eval()
-    ds = predict(model, arr, chunks=(16, 32, 32))
+    ds = predict(arr, model, chunks=(16, 32, 32))
     out = tmp_path / "pred.zarr"
     write_predictions(ds, out, progress=False)
     back = xr.open_zarr(out, consolidated=False)
@@ -241,10 +243,9 @@ def test_local_cluster_same_result(tmp_path):
     ~1 min on 2 shared cores); that the graph ships to worker processes is checked by
     round-tripping it through pickle below.
     """
-    distributed = pytest.importorskip("distributed")
     vol, arr = _tomo((48, 64, 64))
     model = ToyNet("denoise", seed=4).eval()
-    local = predict(model, arr, chunks=32)["denoised"].values
+    local = predict(arr, model, chunks=32)["denoised"].values
     with (
         distributed.LocalCluster(
             n_workers=2,
@@ -254,7 +255,7 @@ def test_local_cluster_same_result(tmp_path):
         ) as cluster,
         distributed.Client(cluster) as client,
     ):
-        ds = predict(model, arr, chunks=32)
+        ds = predict(arr, model, chunks=32)
         got = client.compute(ds["denoised"]).result().values
         assert len(client.scheduler_info()["workers"]) == 2
         path = write_predictions(ds, tmp_path / "p.zarr", progress=False)
@@ -267,7 +268,7 @@ def test_graph_pickles_for_worker_processes():
     """dask.distributed with processes pickles the graph: the model must travel with it."""
     vol, arr = _tomo((24, 32, 32))
     model = ToyNet("instance").eval()
-    ds = predict(model, arr)
+    ds = predict(arr, model)
     again = pickle.loads(pickle.dumps(ds))
     np.testing.assert_array_equal(again["foreground"].values, ds["foreground"].values)
 
@@ -276,17 +277,17 @@ def test_bad_input_raises_clear_errors():
     vol, arr = _tomo((24, 40, 40))
     model = ToyNet("semantic")
     with pytest.raises(InputError, match="chunks"):
-        predict(model, arr, chunks=20)  # not a multiple of the stride (8)
+        predict(arr, model, chunks=20)  # not a multiple of the stride (8)
     with pytest.raises(InputError, match="overlap"):
-        predict(model, arr, overlap=1.0)
-    with pytest.raises(InputError, match="mask"):
-        predict(model, arr, mask=np.ones((3, 3, 3)))
+        predict(arr, model, overlap=1.0)
+    with pytest.raises(InputError, match="roi"):
+        predict(arr, model, roi=np.ones((3, 3, 3)))
     with pytest.raises(InputError, match="3-D"):
-        predict(model, vol[0])
+        predict(vol[0], model)
     bad = ToyNet("semantic")
     bad.task = "classify"
     with pytest.raises(InputError, match="task"):
-        predict(bad, arr)
+        predict(arr, bad)
 
 
 def test_postprocess_semantic_drops_small_components_across_chunks():
@@ -366,12 +367,11 @@ def test_lamella_mask_smooth_threshold_largest_hull():
 
 def test_with_the_tiny_cryosiam_model():
     """The real network of cryosiam_nb.models (tiny preset) through predict."""
-    models = pytest.importorskip("cryosiam_nb.models")
     torch.manual_seed(0)
     model = models.build("semantic", preset="tiny").eval()
     z, y, x = model.patch_size
     vol, arr = _tomo((z, y + y // 2, x), seed=5, chunks=(z, y, x))
-    ds = predict(model, arr, batch_size=2)
+    ds = predict(arr, model, batch_size=2)
     n = len(model.class_names)
     assert ds["probabilities"].shape == (n, *vol.shape)
     assert list(ds["class"].values) == list(model.class_names)
@@ -384,3 +384,76 @@ def test_with_the_tiny_cryosiam_model():
     )
     np.testing.assert_array_equal(got["labels"].values, ref["logits"][0].argmax(0).numpy())
     assert not model.training
+
+
+def test_voxel_size_on_every_variable_and_written_by_io(tmp_path):
+    """predict on a 10 Å tomogram: io.write(ds[var]) writes 10 Å (one carrier: attrs)."""
+    vol, arr = _tomo((24, 32, 32))
+    for task, names in (("denoise", ("denoised",)), ("semantic", ("labels", "probabilities"))):
+        ds = predict(arr, ToyNet(task))
+        assert ds.attrs["voxel_size"] == 10.0
+        for name in ds.data_vars:
+            assert ds[name].attrs["voxel_size"] == 10.0, (task, name)
+        np.testing.assert_array_equal(ds["x"].values, np.arange(32) * 10.0)
+        for name in names:
+            if ds[name].ndim != 3:
+                continue
+            out = io.write(ds[name], tmp_path / f"{task}_{name}.zarr")
+            back = io.read(out)
+            assert float(back.attrs["voxel_size"]) == pytest.approx(10.0)
+            np.testing.assert_array_equal(back.values, ds[name].values)
+    ds = predict(arr, ToyNet("semantic"))
+    post = postprocess_semantic(ds, min_size=3, progress=False)
+    assert post.attrs["voxel_size"] == 10.0
+    back = io.read(io.write(post, tmp_path / "post.zarr"))
+    assert float(back.attrs["voxel_size"]) == pytest.approx(10.0)
+    lam = lamella_mask(predict(arr, ToyNet("lamella")), sigma=(1, 1, 1), progress=False)
+    assert lam.attrs["voxel_size"] == 10.0
+    np.testing.assert_array_equal(lam["z"].values, arr["z"].values)
+    # a bare array has 1 Å (as io.as_dataarray)
+    assert predict(vol, ToyNet("denoise"))["denoised"].attrs["voxel_size"] == 1.0
+
+
+@pytest.mark.parametrize("chunks", [7, (5, 11, 16), 40])
+def test_block_stitching_equals_whole_volume_label(chunks):
+    """The one stitching helper: chunked components == scipy.ndimage.label on the whole."""
+    from cryosiam_nb.inference.stitching import block_components, filter_components, label_block
+
+    rnd = np.random.default_rng(4).random((21, 33, 40))
+    lab = np.zeros(rnd.shape, np.uint8)
+    lab[rnd > 0.55] = 1
+    lab[rnd > 0.8] = 2
+    arr = da.from_array(lab, chunks=chunks)
+    per_block, size, cls = block_components(arr, (1, 2), progress=False)
+    # paint each voxel with its global component id (+1) and compare with a whole-volume label
+    starts = [np.cumsum((0,) + c[:-1]) for c in arr.chunks]
+    got = np.zeros(lab.shape, np.int64)
+    for b in np.ndindex(arr.numblocks):
+        sl = tuple(slice(s[i], s[i] + c[i]) for s, c, i in zip(starts, arr.chunks, b))
+        local, _, _ = label_block(lab[sl], (1, 2))
+        got[sl] = np.concatenate([[0], per_block[b] + 1])[local]
+    for c in (1, 2):
+        ref, n = ndimage.label(lab == c)
+        sel = ref > 0
+        pairs = np.unique(np.stack([ref[sel], got[sel]], 1), axis=0)
+        assert len(pairs) == n  # a bijection: same partition of the voxels
+        assert len(np.unique(pairs[:, 1])) == n
+        assert np.all(cls[pairs[:, 1] - 1] == c)
+        np.testing.assert_array_equal(
+            np.sort(size[pairs[:, 1] - 1]), np.sort(np.bincount(ref[sel])[1:])
+        )
+    keep = size >= 4
+    out = filter_components(arr, (1, 2), per_block, keep).compute()
+    expect = lab.copy()
+    for c in (1, 2):
+        ref, _ = ndimage.label(lab == c)
+        expect[((np.bincount(ref.ravel()) < 4)[ref]) & (ref > 0)] = 0
+    np.testing.assert_array_equal(out, expect)
+
+
+def test_merge_pairs_is_connected_components():
+    from cryosiam_nb.inference.stitching import merge_pairs
+
+    n, comp = merge_pairs(6, np.array([0, 1, 4]), np.array([1, 2, 5]))
+    assert n == 3
+    assert comp[0] == comp[1] == comp[2] and comp[4] == comp[5] and comp[3] not in comp[[0, 4]]

@@ -157,7 +157,7 @@ def test_write_streams_block_by_block(tmp_path):
     src = da.ones((16, 8, 8), chunks=(4, 8, 8), dtype=np.float32).map_blocks(spy, dtype=np.float32)
     io.write(io.as_dataarray(src, 3.0), tmp_path / "s.mrc")
     assert seen and all(s[0] <= 4 for s in seen if s)
-    np.testing.assert_array_equal(io.read(tmp_path / "s.mrc").values, 1.0)
+    np.testing.assert_array_equal(io.read(tmp_path / "s.mrc", check_values=False).values, 1.0)
 
 
 def test_read_ome_zarr_multiscale(tmp_path, rng):

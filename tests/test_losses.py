@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from cryosiam_nb import models
-from cryosiam_nb.models import losses
+from cryosiam_nb.models import losses, targets
+from cryosiam_nb.transforms import overlap_slices
 
 torch.set_num_threads(2)
 
@@ -108,7 +109,7 @@ def test_overlap_alignment_with_a_real_region():
     out = losses.dense_simsiam_loss(crop(b1), crop(b2), b1, b2)
     assert out["dense"].item() == pytest.approx(-1.0, abs=1e-5)
     assert out["level2"].item() == pytest.approx(-1.0, abs=1e-5)
-    s1, s2 = losses.overlap_slices(np.reshape(b1, (2, 3)), np.reshape(b2, (2, 3)), 2)
+    s1, s2 = overlap_slices(np.reshape(b1, (2, 3)).T, np.reshape(b2, (2, 3)).T, factor=2)
     assert [s.stop - s.start for s in s1] == [8, 8, 10]
 
 
@@ -140,7 +141,7 @@ def test_dense_loss_with_model_backpropagates():
 def test_distance_targets():
     lab = np.zeros((1, 11, 11, 11), np.int64)
     lab[0, 2:9, 2:9, 2:9] = 1  # a 7³ cube
-    d = losses.distance_targets(lab, 3)
+    d = targets.distance_targets(lab, 3)
     assert d.shape == (1, 3, 11, 11, 11) and d.dtype == np.float32
     assert d[0, 1, 5, 5, 5] == pytest.approx(4 / 5)  # centre: 4 voxels to the outside
     assert d[0, 1, 2, 5, 5] == pytest.approx(1 / 5)  # on the face
@@ -148,18 +149,18 @@ def test_distance_targets():
     assert d[0, 0, 5, 5, 5] == pytest.approx(-4 / 5)  # background map is the mirror
     assert np.all(d[0, 2] == -1.0)  # absent class
     assert d.min() >= -1 and d.max() <= 1
-    t = losses.distance_targets(torch.from_numpy(lab)[:, None], 3, clip=2)
+    t = targets.distance_targets(torch.from_numpy(lab)[:, None], 3, clip=2)
     assert isinstance(t, torch.Tensor) and t.shape == (1, 3, 11, 11, 11)
     assert t[0, 1, 5, 5, 5].item() == 1.0  # clipped at 2 voxels
     with pytest.raises(ValueError, match=r"values must lie in \[0, 1\]"):
-        losses.distance_targets(lab + 1, 2)
+        targets.distance_targets(lab + 1, 2)
 
 
 def test_instance_targets_separate_touching_instances():
     lab = np.zeros((12, 12, 20), np.int64)
     lab[2:10, 2:10, 2:10] = 1
     lab[2:10, 2:10, 10:18] = 2  # touches instance 1 at x = 9 | 10
-    t = losses.instance_targets(lab)
+    t = targets.instance_targets(lab)
     fg, bd, dist = t["foreground"][0], t["boundary"][0], t["distance"][0]
     assert fg.sum() == (lab > 0).sum()
     assert bd[6, 6, 9] == 1 and bd[6, 6, 10] == 1  # the contact is boundary
@@ -170,7 +171,7 @@ def test_instance_targets_separate_touching_instances():
     assert dist[6, 6, 6] > dist[6, 6, 9]
     assert dist[0, 0, 0] == pytest.approx(-np.sqrt(12) / 5)  # corner: √12 voxels away
     assert dist.max() <= 1 and dist.min() >= -1
-    tt = losses.instance_targets(torch.from_numpy(lab)[None, None])
+    tt = targets.instance_targets(torch.from_numpy(lab)[None, None])
     assert tt["distance"].shape == (1, 1, 12, 12, 20)
     torch.testing.assert_close(tt["distance"][0], torch.from_numpy(t["distance"]))
 
@@ -180,7 +181,7 @@ def test_semantic_loss_prefers_the_truth():
     lab[0, 3:9, 3:9, 3:9] = 1
     lab[0, :, :, 10:] = 2
     onehot = torch.nn.functional.one_hot(lab, 3).permute(0, 4, 1, 2, 3).float()
-    dist = losses.distance_targets(lab, 3)
+    dist = targets.distance_targets(lab, 3)
     good = {"logits": onehot * 20 - 10, "distance": torch.atanh(dist.clamp(-0.999, 0.999))}
     bad = {"logits": -good["logits"], "distance": -good["distance"]}
     loss = losses.SemanticLoss(3)
@@ -196,7 +197,7 @@ def test_semantic_loss_prefers_the_truth():
 def test_instance_loss():
     lab = np.zeros((1, 12, 12, 12), np.int64)
     lab[0, 2:8, 2:8, 2:8] = 1
-    t = {k: torch.from_numpy(v) for k, v in losses.instance_targets(lab).items()}
+    t = {k: torch.from_numpy(v) for k, v in targets.instance_targets(lab).items()}
     perfect = {
         "foreground": (t["foreground"] * 2 - 1) * 30,
         "boundary": (t["boundary"] * 2 - 1) * 30,

@@ -10,7 +10,7 @@ import pytest
 from pandas.testing import assert_frame_equal
 
 from cryosiam_nb.io import InputError
-from cryosiam_nb.particles import Particles, concat, estimate_n_clusters, spectral_split
+from cryosiam_nb.particles import Particles, concat
 
 
 def _table(n: int = 60, tomogram: str = "tomo1", seed: int = 0) -> pd.DataFrame:
@@ -172,12 +172,13 @@ def test_selection_to_table_for_export():
 
 def test_curation_actions_and_undo_restore_state_exactly():
     p = _particles()
+    group = np.repeat([0, 1, 2], 20)
     obs0, uns0 = p.obs.copy(), dict(p.uns)
     states = []
     actions = [
         lambda: p.rename_cluster("0", "ribo"),
         lambda: p.annotate_cluster("ribo", "large, round"),
-        lambda: p.split(p.ids[p.obs["cluster"] == "1"], k=None, seed=0),
+        lambda: p.apply_split(p.ids[p.obs["cluster"] == "1"], group[group > 0] - 1),
         lambda: p.merge_clusters(["1.1", "ribo"], into="merged"),
         lambda: p.exclude(p.ids[:5]),
         lambda: p.include(p.ids[:2]),
@@ -206,22 +207,26 @@ def test_curation_actions_and_undo_restore_state_exactly():
         p.undo()
 
 
-def test_split_finds_hidden_groups_with_stable_names():
+def test_apply_split_names_groups_and_records_params():
     p = _particles()
     ids = p.ids[p.obs["cluster"] == "1"]
-    names = p.split(ids, k=None, seed=0)
-    assert names == ["1.1", "1.2"]  # eigengap finds the two hidden groups
-    sub = p.obs.loc[ids]
-    # each new cluster is exactly one species
-    assert sub.groupby("cluster")["species"].nunique().max() == 1
+    labels = (p.obs.loc[ids, "species"] == "c").to_numpy().astype(int)
+    names = p.apply_split(ids, labels, params={"method": "test", "k": 2})
+    assert names == ["1.1", "1.2"]
+    assert set(p.obs.loc[p.obs["species"] == "b", "cluster"]) == {"1.1"}
+    assert set(p.obs.loc[p.obs["species"] == "c", "cluster"]) == {"1.2"}
     assert set(p.obs.loc[p.obs["species"] == "a", "cluster"]) == {"0"}  # others untouched
-    # repeat with the same seed → identical labels
-    q = _particles()
-    q.split(ids, k=None, seed=0)
-    assert q.obs["cluster"].tolist() == p.obs["cluster"].tolist()
-    # split again: names do not collide with existing ones
-    names2 = p.split(p.ids[p.obs["cluster"] == "1.1"], k=2, seed=0)
-    assert names2 == ["1.1.1", "1.1.2"]
+    entry = p.history[-1]
+    assert entry["action"] == "split" and entry["params"]["method"] == "test"
+    assert entry["params"]["names"] == names and entry["params"]["ids"] == list(ids)
+    # names never collide with existing clusters; a selection across clusters gets "split.i"
+    sub = p.ids[p.obs["cluster"] == "1.1"]
+    assert p.apply_split(sub, np.arange(len(sub)) % 2) == ["1.1.1", "1.1.2"]
+    both = p.ids[:2].tolist() + p.ids[-2:].tolist()
+    assert p.apply_split(both, [0, 0, 1, 1]) == ["split.1", "split.2"]
+    assert p.apply_split(both, [0, 1, 0, 1], prefix="x") == ["x.1", "x.2"]
+    p.undo()
+    assert p.obs.loc[both, "cluster"].tolist() == ["split.1", "split.1", "split.2", "split.2"]
 
 
 def test_curation_bad_input_errors():
@@ -235,24 +240,12 @@ def test_curation_bad_input_errors():
     with pytest.raises(ValueError, match="empty selection"):
         p.exclude([])
     with pytest.raises(ValueError, match="at least 2"):
-        p.split(p.ids[:1])
-    del p.obsm["embedding"]
-    with pytest.raises(ValueError, match="embedding"):
-        p.split(p.ids[:10])
+        p.apply_split(p.ids[:1], [0])
+    with pytest.raises(InputError, match="one per selected particle"):
+        p.apply_split(p.ids[:3], [0, 1])
+    with pytest.raises(InputError, match="integers"):
+        p.apply_split(p.ids[:2], [0.5, 1.0])
     assert p.history == []  # failed actions are not recorded
     no_clusters = Particles.from_table(_table(5), voxel_size=10)
     with pytest.raises(ValueError, match="run tl.cluster"):
         no_clusters.rename_cluster("0", "x")
-
-
-def test_spectral_helpers_validate_and_estimate():
-    rng = np.random.default_rng(3)
-    x = np.concatenate([rng.normal(c, 0.1, (30, 4)) for c in (0, 5, 10, 15)])
-    assert estimate_n_clusters(x, n_neighbors=10) == 4
-    labels = spectral_split(x, k=4, seed=1)
-    assert np.array_equal(labels, spectral_split(x, k=4, seed=1))
-    assert len(np.unique(labels)) == 4
-    with pytest.raises(ValueError, match="k must be"):
-        spectral_split(x, k=1000)
-    with pytest.raises(ValueError, match="NaN"):
-        spectral_split(np.full((5, 2), np.nan), k=2)

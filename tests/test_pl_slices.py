@@ -163,3 +163,16 @@ def test_loss_curves_log_scale_smoothing_and_errors():
         pl.loss_curves(42)
     with pytest.raises(InputError, match="empty"):
         pl.loss_curves(pd.DataFrame())
+
+
+def test_every_view_uses_the_one_semantic_colour_table():
+    from cryosiam_nb.constants import SEMANTIC_CLASSES, SEMANTIC_COLORS
+    from cryosiam_nb.pl import static, viewer
+
+    cmap, _, _, names = static._label_cmap("semantic", np.arange(6), None)
+    assert names == list(SEMANTIC_CLASSES)
+    from matplotlib.colors import to_hex
+
+    assert [to_hex(c) for c in cmap.colors[1:]] == [SEMANTIC_COLORS[c] for c in names[1:]]
+    # the interactive viewer colours labels 1..5 with the same colours, in the same order
+    assert viewer._SEMANTIC_OVERLAY[:5] == tuple(SEMANTIC_COLORS[c] for c in SEMANTIC_CLASSES[1:])

@@ -91,3 +91,26 @@ def test_rescale_needs_voxel_size():
     arr = io.as_dataarray(np.ones((4, 4, 4), np.float32), voxel_size=3.0)
     with pytest.raises(io.InputError, match="voxel_size"):
         pp.rescale(arr, -1)
+
+
+def test_rescale_coords_follow_the_io_convention(tmp_path):
+    # One carrier, one rule: coords are index * voxel size (Å), as io.read writes them,
+    # and the voxel size survives a write / read round trip.
+    arr = io.as_dataarray(np.ones((8, 12, 10), np.float32), voxel_size=5.0)
+    out = pp.rescale(arr, 10.0)
+    for d, n in zip("zyx", out.shape):
+        np.testing.assert_allclose(out.coords[d].values, np.arange(n) * 10.0)
+    back = io.read(io.write(out, tmp_path / "r.zarr"))
+    assert back.attrs["voxel_size"] == 10.0
+    for d in "zyx":
+        np.testing.assert_allclose(back.coords[d].values, out.coords[d].values)
+
+
+def test_as_volume_names_the_input_and_the_problem():
+    with pytest.raises(io.InputError, match="labels: expected a 3-D"):
+        io.as_volume(np.zeros((4, 4)), "labels")
+    with pytest.raises(io.InputError, match="tomo: the volume is empty"):
+        io.as_volume(np.zeros((0, 4, 4)), "tomo")
+    lazy = da.zeros((4, 4, 4), chunks=2)
+    assert io.as_volume(lazy) is lazy  # dask stays lazy
+    assert io.voxel_size_of(None, np.zeros(3), io.as_dataarray(lazy, 7.5)) == 7.5

@@ -8,7 +8,7 @@ import xarray as xr
 from scipy import ndimage as ndi
 from skimage.morphology import ball
 
-from cryosiam_nb import metrics, segmentation
+from cryosiam_nb import constants, metrics, segmentation
 from cryosiam_nb.io import InputError
 
 DIMS = ("z", "y", "x")
@@ -47,8 +47,9 @@ def test_maps_from_labels_targets():
     assert set(m.data_vars) == {"foreground", "boundary", "distance"}
     np.testing.assert_array_equal(m.foreground.values, (lab > 0).astype(np.float32))
     d = m.distance.values
-    assert d.min() == 0 and d.max() == 1.0  # clipped at 5 voxels, /5
-    assert (d[lab == 0] == 0).all()
+    assert d.min() == -1.0 and d.max() == 1.0  # signed, clipped at ±5 voxels, /5
+    assert (d[lab == 0] < 0).all() and (d[lab > 0] > 0).all()
+    assert d[10, 10, 4] == pytest.approx(-0.2)  # background: minus the distance to the cube
     # 1 voxel from the contact plane → 1/5; the distance separates the touching cubes
     assert d[10, 10, 14] == pytest.approx(0.2) and d[10, 10, 15] == pytest.approx(0.2)
     assert d[10, 10, 10] == pytest.approx(1.0)
@@ -62,6 +63,18 @@ def test_maps_from_labels_targets():
     assert isinstance(lazy.distance.data, da.Array) and lazy.attrs["voxel_size"] == 7
     np.testing.assert_allclose(lazy.distance.values, d)
     np.testing.assert_array_equal(lazy.boundary.values, b)
+    assert all(lazy[v].attrs["voxel_size"] == 7 for v in lazy.data_vars)
+
+
+def test_maps_from_labels_equal_the_training_targets():
+    """One instance-target generator: the perfect maps are the instance head's targets."""
+    from cryosiam_nb.models import targets
+
+    lab = segmentation.synthetic_instances((24, 32, 32), density=0.4, radius=(3, 6), seed=5)
+    m = segmentation.maps_from_labels(lab)
+    t = targets.instance_targets(lab)
+    for v in ("foreground", "boundary", "distance"):
+        np.testing.assert_array_equal(m[v].values, t[v][0], err_msg=v)
 
 
 # ----------------------------------------------------------------------- instances
@@ -96,9 +109,8 @@ def test_lazy_maps_from_one_model_pass_are_computed_once(crowded):
 
 
 def test_gt_maps_from_simulator_give_high_ap():
-    sim = pytest.importorskip("cryosiam_nb.sim")
-    if not hasattr(sim, "simulate"):
-        pytest.skip("cryosiam_nb.sim.simulate not available yet")
+    from cryosiam_nb import sim
+
     result = sim.simulate((64, 96, 96), mode="fast", seed=1)
     vols = result.volumes
     gt = vols["instances"].values
@@ -147,7 +159,7 @@ def test_multicut_merges_inner_faces_and_respects_boundaries():
     assert out.max() == 2 and (out[two == 0] == 0).all()
 
 
-def test_size_touching_and_mask_filters():
+def test_size_touching_and_roi_filters():
     lab = np.zeros((24, 24, 60), np.uint32)
     _paste(lab, (12, 12, 6), ball(2).astype(bool), 1)  # 33 voxels
     _paste(lab, (12, 12, 20), ball(5).astype(bool), 2)  # 515 voxels
@@ -167,13 +179,13 @@ def test_size_touching_and_mask_filters():
     np.testing.assert_array_equal(by_name, out)
     with pytest.raises(InputError, match="unknown class"):
         segmentation.instances(maps, touching=(sem, "membranes"), progress=False)
-    # a mask excludes the foreground outside it
+    # a region of interest excludes the foreground outside it
     mask = np.ones(lab.shape, bool)
     mask[:, :, 30:] = False
-    out = segmentation.instances(maps, mask=mask, min_center_distance=0.5, progress=False)
+    out = segmentation.instances(maps, roi=mask, min_center_distance=0.5, progress=False)
     assert out.values.max() == 2 and (out.values[:, :, 30:] == 0).all()
     # the same filters block-wise (3 × 2 × 2 blocks), ids made global across blocks
-    for kw in ({"touching": (sem, 1)}, {"mask": mask, "min_center_distance": 0.5}):
+    for kw in ({"touching": (sem, 1)}, {"roi": mask, "min_center_distance": 0.5}):
         whole = segmentation.instances(maps, progress=False, **kw).values
         blk = segmentation.instances(
             maps, block_shape=(12, 12, 20), halo=8, progress=False, **kw
@@ -184,8 +196,8 @@ def test_size_touching_and_mask_filters():
         segmentation.instances(maps.drop_vars("boundary"))
     with pytest.raises(InputError, match="boundary_bias"):
         segmentation.instances(maps, boundary_bias=1.5)
-    with pytest.raises(InputError, match="mask"):
-        segmentation.instances(maps, mask=mask[:-1])
+    with pytest.raises(InputError, match="roi"):
+        segmentation.instances(maps, roi=mask[:-1])
 
 
 def test_blockwise_equals_whole_volume(crowded, tmp_path):
@@ -237,6 +249,7 @@ def test_particle_table_columns_and_values():
         "z_A",
         "y_A",
         "x_A",
+        "voxel_size",
         "n_voxels",
         "bbox_z0",
         "bbox_y0",
@@ -251,6 +264,7 @@ def test_particle_table_columns_and_values():
     assert a.particle_id == 5 and b.particle_id == 9 and (df.tomogram == "tomo_a").all()
     assert (a.z, a.y, a.x) == (3.5, 5.0, 6.5)
     assert (a.z_A, a.y_A, a.x_A) == (28.0, 40.0, 52.0)
+    assert (df.voxel_size == 8.0).all() and not df.attrs  # one carrier: the column
     assert a.n_voxels == 120 and b.n_voxels == 2700
     assert (b.bbox_z0, b.bbox_y0, b.bbox_x0, b.bbox_z1, b.bbox_y1, b.bbox_x1) == (
         10,
@@ -261,7 +275,7 @@ def test_particle_table_columns_and_values():
         30,
     )
     assert (a.size_category, b.size_category) == ("tiny", "big")
-    assert segmentation.size_category([149, 150, 899, 900, 1999, 2000, 6000, 6001]).tolist() == [
+    assert constants.size_category([149, 150, 899, 900, 1999, 2000, 6000, 6001]).tolist() == [
         "tiny",
         "small",
         "small",
@@ -321,10 +335,34 @@ def test_subtomograms_are_centred_and_padded_at_borders():
     # dask reads just the box's voxels from them (plus an empty read for metadata)
     sizes = [vol[k].size for k in rec.reads if vol[k].size]
     assert len(sizes) == 2 and sum(sizes) == 8**3
-    with pytest.raises(InputError, match="mask"):
-        segmentation.extract_subtomograms(vol, table, mask="bogus")
+    with pytest.raises(InputError, match="masking"):
+        segmentation.extract_subtomograms(vol, table, masking="bogus")
     with pytest.raises(InputError, match="instances"):
-        segmentation.extract_subtomograms(vol, table, mask="strict")
+        segmentation.extract_subtomograms(vol, table, masking="strict")
+
+
+def test_crop_box_is_one_box_of_extract_subtomograms():
+    """crop_box (one box, as the explorer's thumbnails use) = extract_subtomograms' box."""
+    from cryosiam_nb.segmentation.subtomograms import crop_box, round_centres
+
+    rng = np.random.default_rng(4)
+    vol = rng.random((21, 22, 23)).astype(np.float32) + 1.0
+    lazy = da.from_array(vol, chunks=(8, 8, 8))
+    centres = [(10.5, 3.5, 0.49), (0.0, 21.4, 22.5), (-1.5, 5.0, 30.0), (2.5, 2.5, 2.5)]
+    table = pd.DataFrame(centres, columns=["z", "y", "x"])
+    for box in (7, 8):
+        subs = segmentation.extract_subtomograms(vol, table, box=box, progress=False)
+        for i, c in enumerate(centres):
+            one = crop_box(vol, c, box)
+            np.testing.assert_array_equal(one, subs[i])
+            np.testing.assert_array_equal(crop_box(lazy, c, box), one)
+            # rounding half up: the centre voxel floor(c + 0.5) sits at box // 2
+            k = round_centres(c)
+            if all(0 <= a < s for a, s in zip(k, vol.shape)):
+                assert one[box // 2, box // 2, box // 2] == vol[tuple(k)]
+    np.testing.assert_array_equal(round_centres([0.5, 1.5, -0.5]), [1, 2, 0])
+    with pytest.raises(InputError, match="box"):
+        crop_box(vol, (1, 1, 1), 0)
 
 
 def test_subtomogram_masks():
@@ -338,10 +376,10 @@ def test_subtomogram_masks():
     lab[14:18, 24:27, 24:27] = 2  # particle 2 sits next to it
     table = segmentation.particles(lab, progress=False)
     box = 24
-    none = segmentation.extract_subtomograms(vol, table, lab, box=box, progress=False)
+    none = segmentation.extract_subtomograms(vol, table, instances=lab, box=box, progress=False)
     assert (none[0] == 1).all()
     strict = segmentation.extract_subtomograms(
-        vol, table, lab, box=box, mask="strict", grow=2, progress=False
+        vol, table, instances=lab, box=box, masking="strict", grow=2, progress=False
     )
     # strict: own voxels + 2-voxel shell, other particles' voxels and far voxels zeroed
     c0 = np.floor(table.loc[0, ["z", "y", "x"]].to_numpy(float) + 0.5).astype(int) - box // 2
@@ -352,7 +390,7 @@ def test_subtomogram_masks():
     np.testing.assert_array_equal(strict[0] > 0, grown & ~other)
     assert other.any() and (strict[0][other] == 0).all()
     hull = segmentation.extract_subtomograms(
-        vol, table, lab, box=box, mask="convex_hull", progress=False
+        vol, table, instances=lab, box=box, masking="convex_hull", progress=False
     )
     kept = hull[0] > 0
     assert kept[own].all() and not kept[~grown].all()
@@ -380,5 +418,57 @@ def test_maps_from_density_picks_bright_blobs():
     assert found == sorted(centres)
     mask = np.zeros(vol.shape, np.uint8)
     mask[:, :, 20:] = 1  # keep only the middle blob
-    masked = segmentation.instances(segmentation.maps_from_density(vol, mask=mask), progress=False)
+    masked = segmentation.instances(segmentation.maps_from_density(vol, roi=mask), progress=False)
     assert len(np.unique(masked.values)) == 2
+
+
+def _same_partition(a, b):
+    """Two label volumes are the same partition of the voxels (ids may differ)."""
+    assert ((a > 0) == (b > 0)).all()
+    sel = a > 0
+    pairs = np.unique(np.stack([a[sel], b[sel]], 1), axis=0)
+    return len(pairs) == len(np.unique(a[sel])) == len(np.unique(b[sel]))
+
+
+def test_blockwise_instances_equal_whole_volume_label():
+    """The one stitching helper in instances: blobs cut by block faces are re-joined, and
+    the block-wise result is the same partition as scipy.ndimage.label of the whole."""
+    lab = np.zeros((40, 48, 56), np.uint32)
+    rng = np.random.default_rng(7)
+    centres = [(10, 12, 14), (20, 24, 28), (30, 36, 42), (10, 36, 42), (30, 12, 28), (20, 40, 10)]
+    for i, c in enumerate(centres, 1):
+        _paste(lab, tuple(int(v + rng.integers(-1, 2)) for v in c), ball(4).astype(bool), i)
+    ref, n = ndi.label(lab > 0)
+    maps = segmentation.maps_from_labels(xr.DataArray(lab, dims=DIMS, attrs={"voxel_size": 4.0}))
+    whole = segmentation.instances(maps, multicut=False, min_size=1, progress=False)
+    for block in ((20, 24, 28), (13, 17, 19)):  # faces run through the balls
+        blk = segmentation.instances(
+            maps, multicut=False, min_size=1, block_shape=block, halo=10, progress=False
+        )
+        assert blk.values.max() == n == 6
+        assert _same_partition(blk.values, ref)
+        np.testing.assert_array_equal(np.unique(blk.values), np.arange(n + 1))
+    assert _same_partition(whole.values, ref)
+    assert whole.attrs["voxel_size"] == 4.0
+
+
+def test_outputs_carry_the_voxel_size(tmp_path):
+    """instances / maps_from_density / particles: voxel size on every output (one carrier)."""
+    from cryosiam_nb import io
+
+    lab = np.zeros((16, 20, 24), np.uint32)
+    _paste(lab, (8, 10, 12), ball(4).astype(bool), 1)
+    vol = xr.DataArray((lab > 0).astype(np.float32), dims=DIMS, attrs={"voxel_size": 10.0})
+    maps = segmentation.maps_from_density(vol)
+    assert maps.attrs["voxel_size"] == 10.0
+    assert all(maps[v].attrs["voxel_size"] == 10.0 for v in maps.data_vars)
+    np.testing.assert_array_equal(maps["x"].values, np.arange(24) * 10.0)
+    inst = segmentation.instances(maps, min_size=1, progress=False)
+    assert inst.attrs["voxel_size"] == 10.0
+    back = io.read(io.write(inst, tmp_path / "inst.zarr"))
+    assert float(back.attrs["voxel_size"]) == 10.0
+    table = segmentation.particles(inst, progress=False)
+    assert len(table) == 1 and table.voxel_size.iloc[0] == 10.0
+    out = segmentation.instances(maps, min_size=1, out=tmp_path / "o.zarr", progress=False)
+    assert float(io.read(tmp_path / "o.zarr").attrs["voxel_size"]) == 10.0
+    np.testing.assert_array_equal(out.values, inst.values)

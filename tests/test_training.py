@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+from cryosiam_nb import pp, tl
 from cryosiam_nb.training import data as D
 
 torch.set_num_threads(1)
@@ -23,6 +24,8 @@ SMALL = dict(
     conv1_kernel=3,
 )
 SMALL_SUB = dict(filters=(4, 4, 8, 8), dim=16, pred_dim=4, conv1_kernel=3)
+# 2 steps of 2 patches per epoch, a third of the tomograms held out
+PATCHES = dict(batch_size=2, samples_per_epoch=4, val_fraction=0.34)
 
 
 def _synthetic(n=3, shape=(20, 24, 24), seed=0):
@@ -59,7 +62,7 @@ def _synthetic(n=3, shape=(20, 24, 24), seed=0):
         out.append(
             D.Tomogram(
                 f"t{i}",
-                D.normalise01(noisy),
+                pp.normalize(noisy, invert=False).values,
                 {"clean": clean, "semantic": sem, "instances": inst, "lamella": lam},
                 voxel_size=10.0,
                 particles=pd.DataFrame(rows),
@@ -123,24 +126,67 @@ def test_as_tomograms_from_dicts_and_errors(tmp_path):
         D.as_tomograms(tmp_path / "missing")
 
 
-def test_extract_boxes_centred_and_masked():
-    vol = np.zeros((20, 20, 20), np.float32)
-    vol[9:12, 9:12, 9:12] = 1
-    inst = (vol > 0).astype(np.uint32) * 7
-    vol[0:3, 0:3, 0:3] = 1  # a neighbour that strict masking removes
-    cubes = D.extract_boxes(vol, np.array([[10, 10, 10]]), 12, inst, [7], grow=1)
-    assert cubes.shape == (1, 12, 12, 12)
-    assert cubes[0, 6, 6, 6] == 1 and cubes.sum() == 27  # centred, neighbour masked out
+def test_training_normalisation_is_pp_normalize():
+    """One percentile normalisation: training tomograms are normalised like inference input."""
+    rng = np.random.default_rng(1)
+    vol = rng.gamma(2.0, 1.0, (16, 18, 20)).astype(np.float32)
+    t = D.as_tomograms([{"image": vol, "clean": vol * 2}])[0]
+    ref = pp.normalize(vol, invert=False).values
+    np.testing.assert_array_equal(t.image, ref)
+    np.testing.assert_array_equal(t.labels["clean"], pp.normalize(vol * 2, invert=False).values)
+    # and both agree with the exact numpy percentile definition (to pp's histogram resolution)
+    lo, hi = np.percentile(vol, [0.1, 99.9])
+    exact = np.clip((vol - lo) / (hi - lo), 0, 1)
+    np.testing.assert_allclose(t.image, exact, atol=1e-4)
+
+
+@pytest.mark.parametrize("masking", ["none", "strict", "convex_hull"])
+def test_training_boxes_equal_tl_extract_subtomograms(masking):
+    """One extractor: the SSL training boxes are the boxes tl.extract_subtomograms feeds
+    tl.embed, for the same particles, rounding (half up) and masking."""
+    tomos = _synthetic(2)
+    # off-grid centres, some at .5 and near the border: the rounding rule matters
+    for t in tomos:
+        t.particles.loc[0, ["z", "y", "x"]] = [2.5, 3.5, 21.5]
+        t.particles.loc[1, "x"] = t.particles.loc[1, "x"] + 0.5
+    from cryosiam_nb.training.ssl import subtomograms_from_tomograms
+
+    sub, meta = subtomograms_from_tomograms(tomos, 12, masking=masking, grow=1)
+    ref = []
+    for t in tomos:
+        table = t.particles.rename(columns={"id": "particle_id"})
+        ref.append(
+            tl.extract_subtomograms(
+                t.image,
+                table,
+                box=12,
+                instances=t.labels["instances"],
+                masking=masking,
+                grow=1,
+                progress=False,
+            )
+        )
+    np.testing.assert_array_equal(sub, np.concatenate(ref))
+    assert len(meta) == len(sub) == 12
+    c = 12 // 2  # particle 3 of t0 is untouched: its centre voxel is its own, and kept
+    assert sub[2, c, c, c] > 0
+    if masking != "none":
+        assert (sub[0] == 0).all()  # particle 1 was moved off its voxels: all masked away
+    with pytest.raises(ValueError, match="masking"):
+        subtomograms_from_tomograms(tomos, 12, masking="bogus")
 
 
 # --------------------------------------------------------------------------- trainers
-def _resume_check(fn, out, **kw):
-    _, h1 = fn(epochs=1, out=out, **kw)
+def _resume_check(train, out, *args, **kw):
+    """``train(*args, **kw)`` silently for one epoch of 2 steps, then resumed to two
+    epochs: finite loss, checkpoint written, the step count continued."""
+    kw.update(progress=False, seed=0)
+    _, h1 = train(*args, epochs=1, out=out, **kw)
     assert np.isfinite(h1["loss"]).all()
     assert out.exists()
     steps = int(h1["step"].iloc[-1])
     assert steps == 2
-    model, h2 = fn(epochs=2, out=out, resume=True, **kw)
+    model, h2 = train(*args, epochs=2, out=out, resume=True, **kw)
     assert list(h2["epoch"]) == [1, 2]
     assert int(h2["step"].iloc[-1]) == 2 * steps  # continued, not restarted
     from cryosiam_nb import models
@@ -154,21 +200,15 @@ def _resume_check(fn, out, **kw):
 def test_pretrain_dense_smoke_and_resume(tmp_path):
     from cryosiam_nb.training import pretrain_dense
 
-    def run(**kw):
-        return pretrain_dense(
-            _synthetic(3),
-            batch_size=2,
-            samples_per_epoch=4,
-            region_size=16,
-            crop_size=12,
-            val_fraction=0.34,
-            progress=False,
-            seed=0,
-            **SMALL,
-            **kw,
-        )
-
-    model, h = _resume_check(run, tmp_path / "dense.pt")
+    model, h = _resume_check(
+        pretrain_dense,
+        tmp_path / "dense.pt",
+        _synthetic(3),
+        region_size=16,
+        crop_size=12,
+        **PATCHES,
+        **SMALL,
+    )
     assert "val_loss" in h and np.isfinite(h["val_loss"]).all()
     assert (tmp_path / "dense.history.csv").exists()
     assert model.metadata["voxel_size"] == 10.0
@@ -178,21 +218,9 @@ def test_pretrain_dense_smoke_and_resume(tmp_path):
 def test_finetune_smoke_and_resume(tmp_path, task):
     from cryosiam_nb.training import finetune
 
-    def run(**kw):
-        return finetune(
-            task,
-            _synthetic(3),
-            batch_size=2,
-            samples_per_epoch=4,
-            patch_size=12,
-            val_fraction=0.34,
-            progress=False,
-            seed=0,
-            **SMALL,
-            **kw,
-        )
-
-    model, h = _resume_check(run, tmp_path / f"{task}.pt")
+    model, h = _resume_check(
+        finetune, tmp_path / f"{task}.pt", task, _synthetic(3), patch_size=12, **PATCHES, **SMALL
+    )
     metric = {"denoise": "val_psnr", "semantic": "val_dice_mean", "lamella": "val_dice_mean"}.get(
         task, "val_dice_foreground"
     )
@@ -229,37 +257,28 @@ def test_pretrain_subtomo_and_contrastive_smoke(tmp_path):
     from cryosiam_nb.training.ssl import subtomograms_from_tomograms
 
     tomos = _synthetic(3)
-
-    def run(**kw):
-        return pretrain_subtomo(
-            tomos,
-            box=12,
-            batch_size=4,
-            samples_per_epoch=8,
-            val_fraction=0.34,
-            progress=False,
-            seed=0,
-            **SMALL_SUB,
-            **kw,
-        )
-
-    model, _ = _resume_check(run, tmp_path / "sub.pt")
+    model, _ = _resume_check(
+        pretrain_subtomo,
+        tmp_path / "sub.pt",
+        tomos,
+        box=12,
+        batch_size=4,
+        samples_per_epoch=8,
+        val_fraction=0.34,
+        **SMALL_SUB,
+    )
     sub, meta = subtomograms_from_tomograms(tomos, 12)
     assert len(sub) == len(meta) == 18
-
-    def run_c(**kw):
-        return refine_contrastive(
-            model,
-            sub,
-            meta["species"].to_numpy(),
-            meta["size_category"].to_numpy(),
-            pairs_per_epoch=8,
-            batch_size=4,
-            progress=False,
-            **kw,
-        )
-
-    _resume_check(run_c, tmp_path / "con.pt")
+    labels = meta["species"].to_numpy(), meta["size_category"].to_numpy()
+    _resume_check(
+        refine_contrastive,
+        tmp_path / "con.pt",
+        model,
+        sub,
+        *labels,
+        pairs_per_epoch=8,
+        batch_size=4,
+    )
     emb = model.embed(torch.from_numpy(sub[:3, None]))
     assert torch.allclose(emb.norm(dim=1), torch.ones(3), atol=1e-4)
 

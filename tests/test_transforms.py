@@ -182,3 +182,37 @@ def test_subtomo_rotation_angles_cover_full_range():
     angles = np.array(angles)
     assert angles.max() > 150 and angles.min() < 60  # uniform on SO(3): angles up to 180°
     assert np.abs(np.array(shifts)).max() <= 10.0
+
+
+def test_overlap_slices_is_the_one_used_by_the_dense_loss():
+    """One overlap_slices: at factor 1 it selects box_overlap; the dense loss reads it."""
+    from cryosiam_nb.models import losses
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        lo1, lo2 = rng.integers(0, 8, 3), rng.integers(0, 8, 3)
+        b1 = np.stack([lo1, lo1 + 12], axis=1)
+        b2 = np.stack([lo2, lo2 + 12], axis=1)
+        inter = T.box_overlap(b1, b2)
+        s1, s2 = T.overlap_slices(b1, b2)
+        assert [(s.start, s.stop) for s in s1] == [(a - o, b - o) for (a, b), o in zip(inter, lo1)]
+        assert [(s.start, s.stop) for s in s2] == [(a - o, b - o) for (a, b), o in zip(inter, lo2)]
+        # at half resolution: only map voxels entirely inside the overlap, same count
+        h1, h2 = T.overlap_slices(b1, b2, factor=2, shape1=(6, 6, 6), shape2=(6, 6, 6))
+        assert [s.stop - s.start for s in h1] == [s.stop - s.start for s in h2]
+        for s, o, (a, b) in zip(h1, lo1, inter):
+            assert o + 2 * s.start >= a and o + 2 * s.stop <= b
+    # the loss takes both box layouts and agrees with slicing by overlap_slices
+    g = torch.Generator().manual_seed(0)
+    region = torch.randn(1, 4, 20, 20, 20, generator=g)
+    b1, b2 = np.array([[0, 12], [2, 14], [4, 16]]), np.array([[6, 18], [0, 12], [8, 20]])
+    crop = lambda b: region[(slice(None), slice(None), *(slice(*r) for r in b))]  # noqa: E731
+    one = torch.ones(1, 3)
+    views = [
+        {"global_z": one, "global_p": one, "dense_z": crop(b), "dense_p": crop(b).clone()}
+        for b in (b1, b2)
+    ]
+    flat = lambda b: np.concatenate([b[:, 0], b[:, 1]])  # noqa: E731
+    a = losses.dense_simsiam_loss(*views, b1, b2)["dense"]
+    b = losses.dense_simsiam_loss(*views, flat(b1), flat(b2))["dense"]
+    assert a.item() == pytest.approx(-1.0, abs=1e-5) and a.item() == pytest.approx(b.item())

@@ -8,6 +8,8 @@
 >>> models.save(model, "my.pt", voxel_size=10.0, metrics={"dice": 0.8})
 """
 
+from cryosiam_nb.constants import TASKS
+
 from . import losses
 from .checkpoints import (
     WEIGHTS_DIR,
@@ -17,7 +19,7 @@ from .checkpoints import (
     load_checkpoint_dict,
     save,
 )
-from .networks import TASKS, CryoSiamModel, DenseSimSiam, SimSiam, TaskHeads
+from .networks import CryoSiamModel, DenseSimSiam, SimSiam, TaskHeads
 from .presets import PRESETS, build, build_from_config
 
 __all__ = [

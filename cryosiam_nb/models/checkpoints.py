@@ -11,10 +11,7 @@ objects can run arbitrary code.
 
 from __future__ import annotations
 
-import collections
 import os
-import pathlib
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,7 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._compat import InputError, atomic_path
+from cryosiam_nb.io import InputError, atomic_path
+
+from ._safeload import load_checkpoint_dict
 from .networks import HEAD_LAYOUTS, CryoSiamModel
 from .presets import build_from_config, default_class_names
 
@@ -39,65 +38,6 @@ __all__ = [
 FORMAT = "cryosiam_nb"
 FORMAT_VERSION = 1
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-
-_LIGHTNING_ATTRIBUTE_DICTS = (
-    "pytorch_lightning.utilities.parsing.AttributeDict",
-    "lightning.pytorch.utilities.parsing.AttributeDict",
-    "lightning.fabric.utilities.data.AttributeDict",
-    "lightning_fabric.utilities.data.AttributeDict",
-)
-
-
-def _safe_globals() -> list[Any]:
-    """Plain types allowed in addition to torch's weights-only defaults."""
-    core = np._core.multiarray  # numpy >= 2; files written with numpy 1 name numpy.core
-    safe: list[Any] = [(dict, name) for name in _LIGHTNING_ATTRIBUTE_DICTS]
-    safe += [pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath, pathlib.PureWindowsPath]
-    safe += [np.ndarray, np.dtype, core.scalar, core._reconstruct]
-    safe += [(core.scalar, "numpy.core.multiarray.scalar")]
-    safe += [(core._reconstruct, "numpy.core.multiarray._reconstruct")]
-    for name in dir(np.dtypes):
-        obj = getattr(np.dtypes, name)
-        if isinstance(obj, type) and name.endswith("DType"):
-            safe.append(obj)
-    safe += [collections.OrderedDict, collections.defaultdict]
-    return safe
-
-
-def load_checkpoint_dict(path: str | os.PathLike[str], trusted: bool = False) -> dict[str, Any]:
-    """Read a checkpoint file into a dict (CPU tensors), refusing arbitrary pickled objects.
-
-    ``trusted=True`` falls back to a full unpickle (``weights_only=False``) for files that
-    need other objects; do this only for files from a source you trust.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{p}: checkpoint file not found")
-    try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        try:
-            needed = torch.serialization.get_unsafe_globals_in_checkpoint(p)
-        except Exception:  # noqa: BLE001 - not a torch zip file at all
-            raise InputError(f"{p}: not a readable PyTorch checkpoint ({err})") from None
-        if not trusted:
-            allowed = {g[1] for g in _safe_globals() if isinstance(g, tuple)}
-            needed = [n for n in needed if n not in allowed] or ["see detail"]
-            detail = str(err).strip().splitlines()
-            raise InputError(
-                f"{p}: refused to load — the checkpoint needs arbitrary pickled objects "
-                f"({', '.join(needed)}). Unpickling them can execute arbitrary code, so only "
-                "tensors and plain data are loaded by default. If you trust where this file "
-                "comes from, call load(..., trusted=True). Detail: "
-                f"{detail[-1] if detail else repr(err)}"
-            ) from None
-        ckpt = torch.load(p, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError) as err:
-        raise InputError(f"{p}: not a readable PyTorch checkpoint ({err})") from None
-    if not isinstance(ckpt, Mapping):
-        raise InputError(f"{p}: a checkpoint must hold a dict, found {type(ckpt).__name__}")
-    return dict(ckpt)
 
 
 # --------------------------------------------------------------------------- shipped models
@@ -202,16 +142,37 @@ def _build_empty(config: dict[str, Any], metadata: dict[str, Any] | None) -> Cry
 
 
 def _from_ours(ckpt: dict[str, Any], source: Path) -> CryoSiamModel:
-    if ckpt.get("format_version", 0) > FORMAT_VERSION:
+    version = ckpt.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int):
         raise InputError(
-            f"{source}: checkpoint format version {ckpt['format_version']} is newer than this "
+            f"{source}: invalid checkpoint format_version {version!r} (expected an integer "
+            f"from 1 to {FORMAT_VERSION})"
+        )
+    if version > FORMAT_VERSION:
+        raise InputError(
+            f"{source}: checkpoint format version {version} is newer than this "
             f"cryosiam_nb understands ({FORMAT_VERSION}); upgrade cryosiam_nb"
         )
+    if version < 1:
+        raise InputError(f"{source}: invalid checkpoint format_version {version!r}")
+    config = ckpt.get("config")
+    if not isinstance(config, Mapping):
+        raise InputError(
+            f"{source}: invalid model config in checkpoint (expected a dict, found "
+            f"{type(config).__name__})"
+        )
+    state = ckpt.get("state_dict")
+    if not isinstance(state, Mapping):
+        what = "missing" if state is None else f"a {type(state).__name__}, not a dict"
+        raise InputError(f"{source}: the checkpoint's state_dict is {what}")
+    metadata = ckpt.get("metadata")
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise InputError(f"{source}: checkpoint metadata must be a dict, found {metadata!r}")
     try:
-        model = _build_empty(ckpt["config"], ckpt.get("metadata"))
-    except (KeyError, TypeError, ValueError) as err:
+        model = _build_empty(dict(config), None if metadata is None else dict(metadata))
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise InputError(f"{source}: invalid model config in checkpoint ({err})") from None
-    _load_state(model, ckpt["state_dict"], source, {"": ""})
+    _load_state(model, state, source, {"": ""})
     return model
 
 
@@ -445,12 +406,29 @@ def _load_state(
         and isinstance(sd[k], torch.Tensor)
         and tuple(sd[k].shape) != tuple(expected[mapped[k]].shape)
     )
-    if missing or unexpected or bad_shape:
+    not_tensor = sorted(k for k in mapped if k in sd and not isinstance(sd[k], torch.Tensor))
+    bad_dtype = sorted(
+        f"{k} {sd[k].dtype} != {expected[mapped[k]].dtype}"
+        for k in mapped
+        if k in sd and isinstance(sd[k], torch.Tensor) and sd[k].dtype != expected[mapped[k]].dtype
+    )
+    not_finite = sorted(
+        k
+        for k in mapped
+        if k in sd
+        and isinstance(sd[k], torch.Tensor)
+        and sd[k].is_floating_point()
+        and not bool(torch.isfinite(sd[k]).all())
+    )
+    if missing or unexpected or bad_shape or not_tensor or bad_dtype or not_finite:
         parts = []
         for label, keys in (
             ("missing keys", missing),
             ("unexpected keys", unexpected),
             ("shape mismatches", bad_shape),
+            ("values that are not tensors", not_tensor),
+            ("dtype mismatches (weights must be float32)", bad_dtype),
+            ("tensors with NaN or Inf weights", not_finite),
         ):
             if keys:
                 shown = ", ".join(keys[:25]) + (

@@ -9,8 +9,9 @@ Fine-tuning
     :class:`InstanceLoss` (BCE foreground + BCE boundary + MSE distance),
     :class:`DenoiseLoss` (MSE, or L1 + SSIM), :func:`contrastive_loss` with
     :func:`contrastive_pairs` (hard negatives of the same size category).
-Targets
-    :func:`distance_targets` (per-class signed distances), :func:`instance_targets`.
+Targets are made by :mod:`cryosiam_nb.models.targets` (:func:`~.targets.distance_targets`,
+:func:`~.targets.instance_targets`); the overlap of two views by
+:func:`cryosiam_nb.transforms.overlap_slices`.
 
 Tensors are ``(N, C, Z, Y, X)``; label volumes ``(N, Z, Y, X)`` or ``(N, 1, Z, Y, X)``.
 Distances are in voxels, clipped to ±``clip`` and divided by ``clip`` (range ±1).
@@ -25,23 +26,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import GeneralizedDiceLoss, SSIMLoss
-from scipy import ndimage
 from torch import nn
 
-from ._compat import InputError
+from cryosiam_nb.io import InputError
+from cryosiam_nb.transforms import overlap_slices
+
+from .targets import distance_targets, instance_targets
 
 __all__ = [
     "negative_cosine",
     "simsiam_loss",
     "dense_simsiam_loss",
-    "overlap_slices",
     "SemanticLoss",
     "InstanceLoss",
     "DenoiseLoss",
     "contrastive_loss",
     "contrastive_pairs",
-    "distance_targets",
-    "instance_targets",
 ]
 
 
@@ -64,59 +64,25 @@ def simsiam_loss(
 
 
 def _boxes(box: Any, n: int, name: str) -> np.ndarray:
-    """Boxes → int array (n, 2, 3): [[z0, y0, x0], [z1, y1, x1]] (end exclusive)."""
+    """Boxes → int array (n, 3, 2): [[z0, z1], [y0, y1], [x0, x1]] (end exclusive)."""
     b = box.detach().cpu().numpy() if isinstance(box, torch.Tensor) else np.asarray(box)
     b = b.astype(np.int64)
     if b.shape[-2:] == (3, 2):  # [[z0, z1], [y0, y1], [x0, x1]]
-        b = np.swapaxes(b, -1, -2)
+        pass
     elif b.shape[-1] == 6:  # (z0, y0, x0, z1, y1, x1)
-        b = b.reshape(*b.shape[:-1], 2, 3)
+        b = np.swapaxes(b.reshape(*b.shape[:-1], 2, 3), -1, -2)
     else:
         raise InputError(
             f"{name}: shape {b.shape}; expected (6,) / (N, 6) as (z0, y0, x0, z1, y1, x1) "
             "or (3, 2) / (N, 3, 2) as [[z0, z1], [y0, y1], [x0, x1]]"
         )
     if b.ndim == 2:
-        b = np.broadcast_to(b, (n, 2, 3))
+        b = np.broadcast_to(b, (n, 3, 2))
     if b.shape[0] != n:
         raise InputError(f"{name}: {b.shape[0]} boxes for a batch of {n}")
-    if np.any(b[:, 1] <= b[:, 0]):
+    if np.any(b[..., 1] <= b[..., 0]):
         raise InputError(f"{name}: every box needs end > start on each axis, got {b.tolist()}")
     return b
-
-
-def overlap_slices(
-    box1: Sequence[int] | np.ndarray,
-    box2: Sequence[int] | np.ndarray,
-    factor: int = 1,
-    shape1: Sequence[int] | None = None,
-    shape2: Sequence[int] | None = None,
-) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
-    """Slices of the two views' maps at ``1/factor`` resolution covering their overlap.
-
-    Boxes are ``[[z0, y0, x0], [z1, y1, x1]]`` (end exclusive) in voxels of the shared
-    region the views were cropped from. Map voxel ``j`` of a view at level ``f`` covers
-    region voxels ``start + f·j … start + f·(j+1) − 1``; the overlap box is shrunk to the map
-    voxels lying entirely inside it (the box halves at L2, quarters at L4 …). Both views
-    get the same number of voxels; the correspondence is exact when the crop offsets are
-    multiples of ``factor``. ``None`` when the views do not overlap at this level.
-    """
-    a, b = np.asarray(box1), np.asarray(box2)
-    lo, hi = np.maximum(a[0], b[0]), np.minimum(a[1], b[1])
-    s1, s2 = [], []
-    for ax in range(3):
-        st1 = -(-(lo[ax] - a[0][ax]) // factor)  # ceil
-        st2 = -(-(lo[ax] - b[0][ax]) // factor)
-        n = min((hi[ax] - a[0][ax]) // factor - st1, (hi[ax] - b[0][ax]) // factor - st2)
-        if shape1 is not None:
-            n = min(n, shape1[ax] - st1)
-        if shape2 is not None:
-            n = min(n, shape2[ax] - st2)
-        if n <= 0:
-            return None
-        s1.append(slice(int(st1), int(st1 + n)))
-        s2.append(slice(int(st2), int(st2 + n)))
-    return tuple(s1), tuple(s2)
 
 
 def _dense_term(
@@ -136,12 +102,12 @@ def _dense_term(
         return 0.5 * (negative_cosine(p1, z2) + negative_cosine(p2, z1))
     terms = []
     for i in range(p1.shape[0]):
-        sl = overlap_slices(b1[i], b2[i], factor, p1.shape[2:], p2.shape[2:])
-        if sl is None:
-            raise InputError(
-                f"sample {i}: views {b1[i].tolist()} and {b2[i].tolist()} do not overlap at "
-                f"level {factor}"
+        try:
+            sl = overlap_slices(
+                b1[i], b2[i], factor=factor, shape1=p1.shape[2:], shape2=p2.shape[2:]
             )
+        except InputError as e:
+            raise InputError(f"sample {i}: {e}") from None
         s1, s2 = (slice(None), *sl[0]), (slice(None), *sl[1])
         d = negative_cosine(p1[i][s1], z2[i][s2], dim=0) + negative_cosine(
             p2[i][s2], z1[i][s1], dim=0
@@ -159,12 +125,23 @@ def dense_simsiam_loss(
 ) -> dict[str, torch.Tensor]:
     """DenseSimSiam loss ``L = L_global + L_dense + Σ_f L_level f`` (SPEC §2, eq. 1–7).
 
-    ``out1``/``out2``: ``model.ssl_forward(view1, view2)``. ``box1``/``box2``: where each
-    view was cropped in the shared region, voxels, end exclusive — ``(z0, y0, x0, z1, y1,
-    x1)`` or ``[[z0, z1], [y0, y1], [x0, x1]]``, one per batch or one per sample. The dense
-    and level terms use only the overlapping voxels (see :func:`overlap_slices`); without
-    boxes the two views must be aligned and equally sized. ``weights`` scales terms by name.
-    Returns ``{"loss", "global", "dense", "level2", ...}``; each term is −1 at best.
+    Parameters
+    ----------
+    out1, out2
+        ``model.ssl_forward(view1, view2)`` of a dense_ssl model.
+    box1, box2
+        Where each view was cropped in the shared region, in voxels, end exclusive:
+        ``(z0, y0, x0, z1, y1, x1)`` or ``[[z0, z1], [y0, y1], [x0, x1]]``, one for the
+        batch or one per sample. The dense and level terms use only the overlapping voxels
+        (:func:`cryosiam_nb.transforms.overlap_slices`). Without boxes the two views must
+        be aligned and equally sized.
+    weights
+        Scale of each term by name (default 1).
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        ``{"loss", "global", "dense", "level2", ...}`` (scalars); each term is −1 at best.
     """
     n = out1["dense_p"].shape[0]
     if (box1 is None) != (box2 is None):
@@ -187,122 +164,6 @@ def dense_simsiam_loss(
         raise InputError(f"weights: unknown term(s) {sorted(unknown)}; terms: {sorted(terms)}")
     total = sum(w.get(k, 1.0) * v for k, v in terms.items())
     return {"loss": total, **terms}
-
-
-# ============================================================================ targets
-def _signed_distance(mask: np.ndarray, clip: float) -> np.ndarray:
-    """Signed Euclidean distance in voxels (+ inside, − outside), clipped, divided by clip."""
-    if mask.all():
-        return np.ones(mask.shape, np.float32)
-    if not mask.any():
-        return -np.ones(mask.shape, np.float32)
-    inside = ndimage.distance_transform_edt(mask)
-    outside = ndimage.distance_transform_edt(~mask)
-    return (np.clip(inside - outside, -clip, clip) / clip).astype(np.float32)
-
-
-def _labels_np(labels: Any, name: str) -> tuple[np.ndarray, bool, torch.device | None]:
-    is_t = isinstance(labels, torch.Tensor)
-    dev = labels.device if is_t else None
-    arr = labels.detach().cpu().numpy() if is_t else np.asarray(labels)
-    if not np.issubdtype(arr.dtype, np.integer) and not np.issubdtype(arr.dtype, np.bool_):
-        if not np.all(np.equal(np.mod(arr, 1), 0)):
-            raise InputError(f"{name}: expected integer labels, got dtype {arr.dtype}")
-    return arr.astype(np.int64), is_t, dev
-
-
-def distance_targets(labels: Any, n_classes: int, clip: float = 5.0) -> Any:
-    """Per-class signed distance maps for semantic training (SPEC §2).
-
-    ``labels`` int, ``(Z, Y, X)``, ``(N, Z, Y, X)`` or ``(N, 1, Z, Y, X)``; returns float32
-    ``(C, Z, Y, X)`` or ``(N, C, Z, Y, X)``: for class c, the Euclidean distance (voxels) to
-    the class border, positive inside c, negative outside, clipped to ±``clip`` and divided by
-    ``clip`` (±1; the network predicts it through tanh). A class absent from a volume is −1.
-    numpy in → numpy out; torch in → torch out (same device).
-    """
-    lab, is_t, dev = _labels_np(labels, "labels")
-    if lab.ndim == 5:
-        if lab.shape[1] != 1:
-            raise InputError(f"labels: shape {lab.shape}; expected one channel")
-        lab = lab[:, 0]
-    single = lab.ndim == 3
-    if single:
-        lab = lab[None]
-    if lab.ndim != 4:
-        raise InputError(f"labels: shape {lab.shape}; expected (Z, Y, X) or (N, [1,] Z, Y, X)")
-    if lab.min(initial=0) < 0 or lab.max(initial=0) >= n_classes:
-        raise InputError(
-            f"labels: values must lie in [0, {n_classes - 1}] for n_classes={n_classes}"
-        )
-    out = np.empty((lab.shape[0], n_classes, *lab.shape[1:]), np.float32)
-    for i in range(lab.shape[0]):
-        for c in range(n_classes):
-            out[i, c] = _signed_distance(lab[i] == c, clip)
-    if single:
-        out = out[0]
-    return torch.from_numpy(out).to(dev) if is_t else out
-
-
-def _instance_targets_3d(
-    lab: np.ndarray, clip: float, grow: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    from skimage.segmentation import find_boundaries
-
-    fg = lab > 0
-    st = ndimage.generate_binary_structure(3, 1)
-    # Boundaries *between different instances* (both sides), as segmentation.maps_from_labels:
-    # the instance/background border is already the foreground's edge, and marking it too
-    # makes the multicut cut thin necks of multi-lobed particles.
-    big = np.iinfo(np.int64).max
-    lab64 = lab.astype(np.int64)
-    higher = ndimage.grey_dilation(lab64, footprint=st, mode="nearest") > lab64
-    lower = ndimage.grey_erosion(np.where(fg, lab64, big), footprint=st, mode="nearest") < lab64
-    bd = fg & (higher | lower)
-    if grow > 0 and bd.any():
-        bd = ndimage.binary_dilation(bd, structure=st, iterations=grow)
-    # inside: distance to the nearest voxel outside the own instance (touching ones separate)
-    inner = find_boundaries(lab, connectivity=1, mode="inner") & fg
-    dist = np.zeros(lab.shape, np.float32)
-    if fg.any():
-        d_in = ndimage.distance_transform_edt(fg & ~inner) + 1.0
-        dist[fg] = np.minimum(d_in[fg], clip)
-        if not fg.all():
-            d_out = ndimage.distance_transform_edt(~fg)
-            dist[~fg] = -np.minimum(d_out[~fg], clip)
-    else:
-        dist[:] = -clip
-    return fg.astype(np.float32), bd.astype(np.float32), dist / clip
-
-
-def instance_targets(instances: Any, clip: float = 5.0, grow: int = 1) -> dict[str, Any]:
-    """Training targets of the instance heads from instance labels (0 = background).
-
-    ``instances`` int ``(Z, Y, X)``, ``(N, Z, Y, X)`` or ``(N, 1, Z, Y, X)``. Returns float32
-    maps with a channel axis (``(1, Z, Y, X)`` / ``(N, 1, Z, Y, X)``):
-    ``foreground`` 1 inside any instance; ``boundary`` the boundaries between different
-    instances (both sides) grown by ``grow`` voxels — the same definition as
-    :func:`cryosiam_nb.segmentation.maps_from_labels`; ``distance``
-    the signed distance in voxels — inside an instance to the nearest voxel outside *that*
-    instance (so touching instances separate), outside to the nearest instance, negative —
-    clipped to ±``clip`` and divided by ``clip`` (±1, 1 ≙ ``clip`` voxels; the unit that
-    ``cryosiam_nb.segmentation`` multiplies back by 5). numpy/torch in → same type out.
-    """
-    lab, is_t, dev = _labels_np(instances, "instances")
-    if lab.ndim == 5:
-        lab = lab[:, 0]
-    single = lab.ndim == 3
-    if single:
-        lab = lab[None]
-    if lab.ndim != 4:
-        raise InputError(f"instances: shape {lab.shape}; expected (Z, Y, X) or (N, [1,] Z, Y, X)")
-    maps = [_instance_targets_3d(v, clip, grow) for v in lab]
-    out = {}
-    for i, key in enumerate(("foreground", "boundary", "distance")):
-        a = np.stack([m[i] for m in maps])[:, None]
-        if single:
-            a = a[0]
-        out[key] = torch.from_numpy(a).to(dev) if is_t else a
-    return out
 
 
 # ============================================================================ fine-tuning

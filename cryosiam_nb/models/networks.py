@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from monai.networks.nets import ResNet
 from torch import nn
 
+from cryosiam_nb.constants import TASKS
+
 __all__ = [
     "DenseSimSiam",
     "SimSiam",
@@ -34,10 +36,7 @@ __all__ = [
     "CryoSiamModel",
     "conv_head",
     "HEAD_LAYOUTS",
-    "TASKS",
 ]
-
-TASKS = ("dense_ssl", "denoise", "semantic", "lamella", "instance", "subtomo_ssl")
 
 # task → ((output key, module name, channels: "n" = number of classes or an int), ...)
 HEAD_LAYOUTS: dict[str, tuple[tuple[str, str, Any], ...]] = {

@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 
-from .networks import HEAD_LAYOUTS, TASKS, CryoSiamModel, DenseSimSiam, SimSiam, TaskHeads
+from cryosiam_nb.constants import SEMANTIC_CLASSES, TASKS
+
+from .networks import HEAD_LAYOUTS, CryoSiamModel, DenseSimSiam, SimSiam, TaskHeads
 
 __all__ = ["PRESETS", "build", "build_from_config", "default_class_names"]
 
@@ -102,17 +104,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
-_FALLBACK_SEMANTIC = ("background", "membrane", "microtubule", "particle", "actin", "dna")
-
 
 def default_class_names(task: str, n_classes: int | None = None) -> tuple[str, ...] | None:
     """Class names a task uses by default (semantic: the simulator's; lamella: outside/sample)."""
     if task == "semantic":
-        try:
-            from cryosiam_nb.sim import SEMANTIC_CLASSES as names
-        except ImportError:  # the simulator module may not be installed/complete yet
-            names = _FALLBACK_SEMANTIC
-        names = tuple(names)
+        names = SEMANTIC_CLASSES
         if n_classes is None or n_classes == len(names):
             return names
         return tuple(f"class_{i}" for i in range(n_classes))
@@ -185,7 +181,7 @@ def build(task: str, preset: str = "tiny", **overrides: Any) -> CryoSiamModel:
         if class_names is not None and n_classes is not None and len(class_names) != n_classes:
             raise ValueError(f"class_names has {len(class_names)} names but n_classes={n_classes}")
         if class_names is None:
-            default_n = n_classes or (2 if task == "lamella" else len(_FALLBACK_SEMANTIC))
+            default_n = n_classes or (2 if task == "lamella" else len(SEMANTIC_CLASSES))
             class_names = list(default_class_names(task, default_n) or ())
         n_classes = len(class_names)
         heads["out_channels"] = n_classes

@@ -1,7 +1,10 @@
-"""Plotting namespace: static figures and the interactive Panel explorer.
+"""Plotting namespace (scanpy style): each function takes the data object first.
 
-- ``slices``: side-by-side / orthogonal slices of a tomogram and its overlays.
+- ``slices``, ``orthoslices``: static slices of a tomogram and its overlays (matplotlib).
+- ``slice_viewer``: interactive orthogonal slice viewer (Panel + HoloViews + datashader).
+- ``umap``: the particles' UMAP coloured by any ``obs`` column (matplotlib).
 - ``explorer``: the UMAP cluster-curation app (Panel + HoloViews + datashader).
+- ``loss_curves``: training curves.
 """
 
 from importlib import import_module
@@ -11,14 +14,19 @@ _WHERE = {
     "slices": "cryosiam_nb.pl.static",
     "orthoslices": "cryosiam_nb.pl.static",
     "slice_viewer": "cryosiam_nb.pl.viewer",
-    "explorer": "cryosiam_nb.pl.explorer",
+    "explorer": "cryosiam_nb.pl.curation",
     "loss_curves": "cryosiam_nb.pl.static",
+    "umap": "cryosiam_nb.pl.embedding",
 }
 
 
 def __getattr__(name: str) -> Any:
     if name in _WHERE:
-        return getattr(import_module(_WHERE[name]), name)
+        value = getattr(import_module(_WHERE[name]), name)
+        # Cache the function: later look-ups skip this hook. (The app lives in the
+        # sub-package ``pl.curation`` so that no sub-module shadows a function name.)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'cryosiam_nb.pl' has no attribute {name!r}")
 
 

@@ -19,9 +19,10 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure as _MplFigure
 from matplotlib.patches import Patch
 
-__all__ = ["slices", "orthoslices", "loss_curves", "SEMANTIC_COLORS"]
+from cryosiam_nb.constants import DIMS, SEMANTIC_COLORS
+from cryosiam_nb.io import InputError, as_volume
 
-DIMS = ("z", "y", "x")
+__all__ = ["slices", "orthoslices", "loss_curves"]
 
 
 class Figure(_MplFigure):
@@ -36,24 +37,6 @@ class Figure(_MplFigure):
 
 
 DEFAULT_VARIABLES = ("clean", "noisy", "semantic", "instances", "lamella")
-#: Colours of the semantic classes (background transparent).
-SEMANTIC_COLORS: dict[str, str] = {
-    "background": "#00000000",
-    "membrane": "#ff8c00",
-    "microtubule": "#2ca02c",
-    "particle": "#d62728",
-    "actin": "#17becf",
-    "dna": "#ffd700",
-}
-
-
-def _error(msg: str) -> ValueError:
-    try:
-        from cryosiam_nb.io import InputError
-
-        return InputError(msg)
-    except ImportError:  # pragma: no cover
-        return ValueError(msg)
 
 
 def _as_dataset(data: Any) -> tuple[xr.Dataset | None, xr.DataArray | None]:
@@ -65,15 +48,14 @@ def _as_dataset(data: Any) -> tuple[xr.Dataset | None, xr.DataArray | None]:
         return data, None
     if isinstance(data, xr.DataArray):
         if data.ndim != 3:
-            raise _error(f"data: expected a 3-D (z, y, x) volume, got dims {data.dims}")
+            raise InputError(f"data: expected a 3-D (z, y, x) volume, got dims {data.dims}")
         return None, data
-    arr = np.asarray(data) if not hasattr(data, "compute") else data
-    if getattr(arr, "ndim", 0) != 3:
-        raise _error(
+    if getattr(np.asarray(data) if not hasattr(data, "shape") else data, "ndim", 0) != 3:
+        raise InputError(
             f"data: expected a Simulation, an xarray Dataset/DataArray or a 3-D (z, y, x) "
-            f"array, got {type(data).__name__} with shape {getattr(arr, 'shape', None)}"
+            f"array, got {type(data).__name__} with shape {getattr(data, 'shape', None)}"
         )
-    return None, xr.DataArray(arr, dims=DIMS)
+    return None, xr.DataArray(as_volume(data, "data"), dims=DIMS)
 
 
 def _is_label(arr: xr.DataArray) -> bool:
@@ -83,11 +65,11 @@ def _is_label(arr: xr.DataArray) -> bool:
 def _take(arr: xr.DataArray, axis: str, index: int | None) -> tuple[np.ndarray, int]:
     dims = tuple(arr.dims)
     if axis not in dims:
-        raise _error(f"axis: {axis!r} is not a dimension of the volume {dims}")
+        raise InputError(f"axis: {axis!r} is not a dimension of the volume {dims}")
     n = arr.sizes[axis]
     i = n // 2 if index is None else int(index)
     if not -n <= i < n:
-        raise _error(f"{axis}: slice index {index} outside the volume ({axis} has {n} slices)")
+        raise InputError(f"{axis}: slice index {index} outside the volume ({axis} has {n} slices)")
     i %= n
     return np.asarray(arr.isel({axis: i}).values), i
 
@@ -187,9 +169,9 @@ def slices(
     if interactive:
         return _interactive(data, overlays, variables, **kwargs)
     if kwargs:
-        raise _error(f"slices: unexpected arguments {sorted(kwargs)}")
+        raise InputError(f"slices: unexpected arguments {sorted(kwargs)}")
     if axis not in DIMS:
-        raise _error(f"axis: must be one of {DIMS}, got {axis!r}")
+        raise InputError(f"axis: must be one of {DIMS}, got {axis!r}")
     ds, arr = _as_dataset(data)
     panels: list[tuple[str, xr.DataArray | None, list[tuple[str, xr.DataArray]]]] = []
     if ds is not None:
@@ -199,15 +181,15 @@ def slices(
             ]
         missing = [v for v in variables if v not in ds.data_vars]
         if missing:
-            raise _error(
+            raise InputError(
                 f"variables: {missing} not in the data (has {sorted(map(str, ds.data_vars))})"
             )
         over = [] if overlays is None else list(overlays)
         if isinstance(overlays, Mapping):
-            raise _error("overlays: for a Dataset give variable names, e.g. ['semantic']")
+            raise InputError("overlays: for a Dataset give variable names, e.g. ['semantic']")
         bad = [o for o in over if o not in ds.data_vars]
         if bad:
-            raise _error(f"overlays: {bad} not in the data")
+            raise InputError(f"overlays: {bad} not in the data")
         images = [v for v in variables if not _is_label(ds[v])]
         base = ds[images[0]] if images else None
         for v in variables:
@@ -223,18 +205,18 @@ def slices(
         panels.append((name, arr, []))
         if overlays is not None:
             if not isinstance(overlays, Mapping):
-                raise _error("overlays: for a single volume give a mapping {name: labels}")
+                raise InputError("overlays: for a single volume give a mapping {name: labels}")
             for k, lab in overlays.items():
                 lab_da = lab if isinstance(lab, xr.DataArray) else xr.DataArray(lab, dims=DIMS)
                 if tuple(lab_da.shape) != tuple(arr.shape):
-                    raise _error(
+                    raise InputError(
                         f"overlays[{k!r}]: shape {tuple(lab_da.shape)} differs from the "
                         f"volume {tuple(arr.shape)}"
                     )
                 panels.append((k, arr, [(k, lab_da)]))
         vs = float(arr.attrs.get("voxel_size", 0) or 0)
     if not panels:
-        raise _error("slices: nothing to show")
+        raise InputError("slices: nothing to show")
 
     n = len(panels)
     ncols = min(n, ncols or 5)
@@ -290,10 +272,12 @@ def _interactive(data: Any, overlays: Any, variables: Sequence[str] | None, **kw
     )
     missing = [v for v in names if v not in ds.data_vars]
     if missing:
-        raise _error(f"variables: {missing} not in the data (has {sorted(map(str, ds.data_vars))})")
+        raise InputError(
+            f"variables: {missing} not in the data (has {sorted(map(str, ds.data_vars))})"
+        )
     images = [v for v in names if not _is_label(ds[v])]
     if not images:
-        raise _error(f"variables: the viewer needs an image volume among {names}")
+        raise InputError(f"variables: the viewer needs an image volume among {names}")
     image = "noisy" if "noisy" in images else images[0]
     labels = list(overlays) if overlays is not None else [v for v in names if _is_label(ds[v])]
     opts = dict(kwargs)
@@ -315,12 +299,32 @@ def orthoslices(
     size: float = 6.0,
     title: str | None = None,
 ) -> Figure:
-    """Three orthogonal slices through one (z, y, x) volume: x-y at ``z``, x-z at ``y``,
-    y-z at ``x`` (indices in voxels, default the centre), with crosshairs; axes in Å when
-    the volume has ``voxel_size``."""
+    """Three orthogonal slices through one (z, y, x) volume, with crosshairs.
+
+    Parameters
+    ----------
+    volume
+        ``DataArray`` / numpy / dask volume, axes (z, y, x). Only the three slices are read.
+    z, y, x
+        Slice indices in voxels (default the centre): x-y at ``z``, x-z at ``y``, y-z at ``x``.
+    cmap
+        Matplotlib colour map.
+    percentiles
+        Contrast limits as percentiles (%) of the shown slices.
+    size
+        Figure width in inches.
+    title
+        Figure title.
+
+    Returns
+    -------
+    Figure
+        A matplotlib figure (shows itself in Jupyter); axes in Å when the volume carries
+        ``attrs["voxel_size"]``, else in voxels.
+    """
     _, arr = _as_dataset(volume)
     if arr is None:
-        raise _error("volume: orthoslices takes one (z, y, x) volume, not a Dataset")
+        raise InputError("volume: orthoslices takes one (z, y, x) volume, not a Dataset")
     nz, ny, nx = (arr.sizes[d] for d in DIMS)
     xy, zi = _take(arr, "z", z)
     xz, yi = _take(arr, "y", y)
@@ -367,7 +371,9 @@ def _history_frame(history: Any) -> pd.DataFrame:
     elif isinstance(history, Mapping):
         lens = {k: len(v) for k, v in history.items() if np.ndim(v) == 1}
         if not lens:
-            raise _error("history: a dict of loss sequences, e.g. {'train': [...], 'val': [...]}")
+            raise InputError(
+                "history: a dict of loss sequences, e.g. {'train': [...], 'val': [...]}"
+            )
         n = max(lens.values())
         df = pd.DataFrame(
             {
@@ -378,12 +384,12 @@ def _history_frame(history: Any) -> pd.DataFrame:
     elif isinstance(history, Sequence) and history and isinstance(history[0], Mapping):
         df = pd.DataFrame(list(history))
     else:
-        raise _error(
+        raise InputError(
             "history: expected a DataFrame, a dict of sequences or a list of dict records, "
             f"got {type(history).__name__}"
         )
     if df.empty:
-        raise _error("history: empty, nothing to plot")
+        raise InputError("history: empty, nothing to plot")
     return df
 
 
@@ -398,16 +404,34 @@ def loss_curves(
 ) -> Figure:
     """Training curves: one line per numeric column (or ``keys``) of ``history``.
 
-    ``history``: a DataFrame (e.g. the history a trainer returns), a dict ``name →
-    sequence`` or a list of per-epoch dicts. The x axis is ``x``, else an ``epoch`` or
-    ``step`` column when present, else the row number. ``smooth`` > 1 overlays a centred
-    running mean of that many points; ``logy`` uses a log scale.
+    Parameters
+    ----------
+    history
+        A DataFrame (e.g. the history a trainer returns), a dict ``name → sequence`` or a
+        list of per-epoch dicts.
+    keys
+        Columns to draw (default every numeric column but the x axis).
+    x
+        Column for the x axis, else ``epoch`` or ``step`` when present, else the row number.
+    logy
+        Log-scale y axis.
+    smooth
+        > 1 overlays a centred running mean of that many points.
+    title
+        Axes title.
+    size
+        Figure size in inches (width, height).
+
+    Returns
+    -------
+    Figure
+        A matplotlib figure (shows itself in Jupyter).
     """
     df = _history_frame(history)
     if x is None:
         x = next((c for c in ("epoch", "step", "iteration") if c in df.columns), None)
     elif x not in df.columns:
-        raise _error(f"x: column {x!r} not in the history ({list(df.columns)})")
+        raise InputError(f"x: column {x!r} not in the history ({list(df.columns)})")
     if keys is None:
         keys = [
             c
@@ -416,9 +440,9 @@ def loss_curves(
         ]
     missing = [k for k in keys if k not in df.columns]
     if missing:
-        raise _error(f"keys: {missing} not in the history ({list(df.columns)})")
+        raise InputError(f"keys: {missing} not in the history ({list(df.columns)})")
     if not keys:
-        raise _error("history: no numeric columns to plot")
+        raise InputError("history: no numeric columns to plot")
     xs = df[x].to_numpy() if x is not None else np.arange(len(df))
     fig = Figure(figsize=size)
     ax = fig.add_subplot(1, 1, 1)

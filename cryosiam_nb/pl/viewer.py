@@ -23,44 +23,18 @@ import panel as pn
 import param
 from holoviews.operation.datashader import rasterize
 
-__all__ = ["SliceViewer", "slice_viewer", "SEMANTIC_COLORS", "INSTANCE_COLORS"]
+from cryosiam_nb.constants import INSTANCE_COLORS, SEMANTIC_CLASSES, SEMANTIC_COLORS
+from cryosiam_nb.io import InputError, as_volume, read, voxel_size_of
 
-# Colours for semantic classes 1..N (0 = background is transparent); same order as
-# cryosiam_nb.sim.SEMANTIC_CLASSES (membrane, microtubule, particle, actin, dna).
-SEMANTIC_COLORS = (
-    "#e6194b",
-    "#3cb44b",
-    "#ffe119",
-    "#4363d8",
-    "#f58231",
+__all__ = ["SliceViewer", "slice_viewer"]
+
+# Overlay colour of semantic labels 1..N: the shared class colours, then extras for
+# labels beyond the known classes.
+_SEMANTIC_OVERLAY = tuple(SEMANTIC_COLORS[c] for c in SEMANTIC_CLASSES[1:]) + (
     "#911eb4",
     "#46f0f0",
     "#f032e6",
     "#bcf60c",
-    "#fabebe",
-)
-# Instances cycle through these (id % 20); 0 is transparent.
-INSTANCE_COLORS = (
-    "#1f77b4",
-    "#ff7f0e",
-    "#2ca02c",
-    "#d62728",
-    "#9467bd",
-    "#8c564b",
-    "#e377c2",
-    "#bcbd22",
-    "#17becf",
-    "#aec7e8",
-    "#ffbb78",
-    "#98df8a",
-    "#ff9896",
-    "#c5b0d5",
-    "#c49c94",
-    "#f7b6d2",
-    "#dbdb8d",
-    "#9edae5",
-    "#393b79",
-    "#637939",
 )
 
 
@@ -72,32 +46,13 @@ def ensure_bokeh() -> None:
         hv.Store.set_current_backend("bokeh")
 
 
-def _input_error(msg: str) -> ValueError:
-    try:
-        from cryosiam_nb.io import InputError
-    except ImportError:  # pragma: no cover - io is part of the package
-        return ValueError(msg)
-    return InputError(msg)
-
-
 def _as_volume(data: Any, what: str) -> tuple[Any, float]:
     """Return (array-like (z, y, x) supporting numpy indexing, voxel size in Å)."""
-    voxel_size = 1.0
     if isinstance(data, str | os.PathLike):
-        from cryosiam_nb.io import read
-
         data = read(data)
-    if hasattr(data, "dims") and hasattr(data, "attrs"):  # xarray.DataArray
-        if tuple(data.dims) != ("z", "y", "x"):
-            raise _input_error(f"{what}: expected dims ('z', 'y', 'x'), got {tuple(data.dims)}")
-        voxel_size = float(data.attrs.get("voxel_size", 1.0))
-        data = data.data
-    if not hasattr(data, "shape") or len(data.shape) != 3:
-        shape = getattr(data, "shape", None)
-        raise _input_error(f"{what}: expected a 3-D (z, y, x) volume, got shape {shape}")
-    if not hasattr(data, "__getitem__") or not hasattr(data, "dtype"):
-        data = np.asarray(data)
-    return data, voxel_size
+    voxel_size = voxel_size_of(data) or 1.0
+    arr = as_volume(data, what)
+    return arr, voxel_size
 
 
 def _label_kind(name: str, arr: Any) -> str:
@@ -182,6 +137,7 @@ class SliceViewer(param.Parameterized):
         name: str = "tomogram",
         **params: Any,
     ):
+        ensure_bokeh()  # markers and overlays set HoloViews options: a backend must be loaded
         vol, voxel_size = _as_volume(tomogram, "tomogram")
         self.volume = vol
         self.voxel_size = voxel_size
@@ -193,7 +149,7 @@ class SliceViewer(param.Parameterized):
         for key, arr in self._overlay_items(overlays):
             ov, _ = _as_volume(arr, f"overlays[{key!r}]")
             if tuple(ov.shape) != self.shape:
-                raise _input_error(
+                raise InputError(
                     f"overlays[{key!r}]: shape {tuple(ov.shape)} differs from the tomogram "
                     f"shape {self.shape}"
                 )
@@ -244,7 +200,7 @@ class SliceViewer(param.Parameterized):
             particles = pd.DataFrame(columns=["z", "y", "x"])
         missing = {"z", "y", "x"} - set(particles.columns)
         if missing:
-            raise _input_error(f"particles: missing column(s) {sorted(missing)} (voxels)")
+            raise InputError(f"particles: missing column(s) {sorted(missing)} (voxels)")
         self._particles = particles[["z", "y", "x"]].astype(float)
         self.markers_version += 1
 
@@ -271,7 +227,7 @@ class SliceViewer(param.Parameterized):
         elif view == "yz":
             idx = (slice(None), slice(None), self.x)
         else:
-            raise _input_error(f"view: expected 'xy', 'xz' or 'yz', got {view!r}")
+            raise InputError(f"view: expected 'xy', 'xz' or 'yz', got {view!r}")
         pos = {"xy": self.z, "xz": self.y, "yz": self.x}[view]
         out = self._cache.get((source, view, pos), vol, idx)
         return out.T if view == "yz" else out
@@ -375,7 +331,7 @@ class SliceViewer(param.Parameterized):
             if kind == "instances":
                 cmap, n = list(INSTANCE_COLORS), len(INSTANCE_COLORS)
             else:
-                cmap, n = list(SEMANTIC_COLORS), len(SEMANTIC_COLORS)
+                cmap, n = list(_SEMANTIC_OVERLAY), len(_SEMANTIC_OVERLAY)
             ovr = rasterize(ov, aggregator="first").opts(
                 cmap=cmap, clim=(0.5, n + 0.5), colorbar=False, alpha=self.overlay_alpha
             )
@@ -459,10 +415,7 @@ def slice_viewer(
     tomogram: Any,
     overlays: Mapping[str, Any] | Any | None = None,
     particles: pd.DataFrame | None = None,
-    orthogonal: bool = True,
-    width: int = 520,
-    name: str = "tomogram",
-    **params: Any,
+    **options: Any,
 ) -> SliceViewer:
     """Interactive orthogonal slice viewer of a tomogram (z, y, x).
 
@@ -479,20 +432,14 @@ def slice_viewer(
     particles
         DataFrame with ``z, y, x`` in voxels (index = particle ids) drawn as circles on
         slices within ``marker_slab`` voxels.
-    orthogonal
-        Also show the xz and yz slices (with y / x sliders).
-    width
-        Frame width in screen pixels of the xy view; the image is rasterized by datashader
-        to the screen size, so slices of any size stay responsive.
+    **options
+        The other arguments of :class:`SliceViewer`: ``orthogonal`` (default True: also
+        show the xz and yz slices, with y / x sliders), ``width`` (default 520: frame width
+        in screen pixels of the xy view; the image is rasterized by datashader to the
+        screen size, so slices of any size stay responsive), ``name`` (default
+        ``"tomogram"``: the title) and starting values of its parameters (``z``, ``y``,
+        ``x`` slice indices in voxels, ``contrast``, ``cmap``, ``overlay_alpha``, ...).
 
     Returns a :class:`SliceViewer`; display it directly in Jupyter or call ``.panel()``.
     """
-    return SliceViewer(
-        tomogram,
-        overlays=overlays,
-        particles=particles,
-        orthogonal=orthogonal,
-        width=width,
-        name=name,
-        **params,
-    )
+    return SliceViewer(tomogram, overlays=overlays, particles=particles, **options)

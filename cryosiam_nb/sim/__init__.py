@@ -9,9 +9,11 @@
 Arrays are (z, y, x); voxel sizes and coordinates in Å; particle centres in voxels.
 """
 
-from .core import MODES, SAMPLES, SEMANTIC_CLASSES, Simulation, simulate
+from cryosiam_nb.constants import KDA_CATEGORIES, SEMANTIC_CLASSES, SIZE_CATEGORIES, size_category
+
+from .core import MODES, SAMPLES, Simulation, simulate
 from .dataset import dataset_table, read_dataset, write_dataset
-from .shapes import KDA_CATEGORIES, SIZE_CATEGORIES, SPECIES, size_category, species_table
+from .shapes import SPECIES, species_table
 
 __all__ = [
     "simulate",

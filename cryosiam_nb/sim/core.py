@@ -12,19 +12,14 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from cryosiam_nb.constants import SEMANTIC_CLASSES
+from cryosiam_nb.io import InputError
+
 from . import imaging
 from .structures import SAMPLE_DEFAULTS, build_scene
 
 __all__ = ["simulate", "Simulation", "SEMANTIC_CLASSES", "SAMPLES", "MODES"]
 
-SEMANTIC_CLASSES: tuple[str, ...] = (
-    "background",
-    "membrane",
-    "microtubule",
-    "particle",
-    "actin",
-    "dna",
-)
 SAMPLES: tuple[str, ...] = tuple(SAMPLE_DEFAULTS)
 MODES: tuple[str, ...] = ("tilt", "fast")
 VOLUME_VARIABLES: tuple[str, ...] = ("clean", "noisy", "semantic", "instances", "lamella")
@@ -34,13 +29,8 @@ VOLUME_VARIABLES: tuple[str, ...] = ("clean", "noisy", "semantic", "instances", 
 _FAST_SNR_GAIN = 0.07
 
 
-def _error(msg: str) -> ValueError:
-    try:
-        from cryosiam_nb.io import InputError
-
-        return InputError(msg)
-    except ImportError:  # pragma: no cover - io is part of the package
-        return ValueError(msg)
+def _error(msg: str) -> InputError:
+    return InputError(msg)
 
 
 @dataclass
@@ -113,12 +103,6 @@ class Simulation:
             f"voxel_size={self.voxel_size:g} Å, mode={p.get('mode')!r}, "
             f"particles={len(self.particles)} {counts})"
         )
-
-    def plot(self, **kwargs: Any):
-        """Quick look: clean / noisy / semantic / instances side by side (``pl.slices``)."""
-        from cryosiam_nb.pl.static import slices
-
-        return slices(self, **kwargs)
 
     def write(
         self,

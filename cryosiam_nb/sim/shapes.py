@@ -20,14 +20,12 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from cryosiam_nb.constants import kda_category, size_category
+
 __all__ = [
     "Primitive",
     "Species",
     "SPECIES",
-    "SIZE_CATEGORIES",
-    "KDA_CATEGORIES",
-    "size_category",
-    "kda_category",
     "species_table",
     "species_for_sample",
     "random_quaternions",
@@ -35,40 +33,6 @@ __all__ = [
     "render_particle",
     "render_particles",
 ]
-
-#: SPEC §5 size categories in voxels: (name, lower bound inclusive, upper bound exclusive).
-SIZE_CATEGORIES: tuple[tuple[str, float, float], ...] = (
-    ("tiny", 0.0, 150.0),
-    ("small", 150.0, 900.0),
-    ("medium", 900.0, 2000.0),
-    ("big", 2000.0, 6000.0),
-    ("very big", 6000.0, np.inf),
-)
-
-#: The thesis' molecular-weight bins (kDa), same names as :data:`SIZE_CATEGORIES`.
-KDA_CATEGORIES: tuple[tuple[str, float, float], ...] = (
-    ("tiny", 0.0, 40.0),
-    ("small", 40.0, 200.0),
-    ("medium", 200.0, 600.0),
-    ("big", 600.0, 1000.0),
-    ("very big", 1000.0, np.inf),
-)
-
-
-def size_category(n_voxels: float) -> str:
-    """SPEC §5 size category of an instance with ``n_voxels`` voxels."""
-    for name, lo, hi in SIZE_CATEGORIES:
-        if lo <= n_voxels < hi:
-            return name
-    raise ValueError(f"n_voxels must be >= 0, got {n_voxels}")
-
-
-def kda_category(mass_kda: float) -> str:
-    """Thesis molecular-weight category of a particle of ``mass_kda`` kDa."""
-    for name, lo, hi in KDA_CATEGORIES:
-        if lo <= mass_kda < hi:
-            return name
-    raise ValueError(f"mass_kda must be >= 0, got {mass_kda}")
 
 
 @dataclass(frozen=True)

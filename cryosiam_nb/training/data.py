@@ -23,22 +23,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from cryosiam_nb import pp
+from cryosiam_nb.io import InputError
 from cryosiam_nb.transforms import RandOverlappingCropPaird
-
-try:
-    from cryosiam_nb.io import InputError
-except ImportError:  # pragma: no cover
-    InputError = ValueError  # type: ignore[misc,assignment]
 
 __all__ = [
     "Tomogram",
     "as_tomograms",
-    "normalise01",
     "split_tomograms",
     "PatchDataset",
     "CropPairDataset",
     "SubtomoPairDataset",
-    "extract_boxes",
     "item_seed",
 ]
 
@@ -76,13 +71,13 @@ def item_seed(seed: int, epoch: int, index: int) -> int:
     return int(ss.generate_state(1)[0] & 0x7FFFFFFF)
 
 
-def normalise01(x: np.ndarray, lower: float = 0.1, upper: float = 99.9) -> np.ndarray:
-    """Clip an in-memory volume at the ``lower``/``upper`` percentiles (%) and scale to [0, 1]."""
-    x = np.asarray(x, dtype=np.float32)
-    lo, hi = np.percentile(x, [lower, upper])
-    if hi <= lo:
-        return np.zeros_like(x)
-    return np.clip((x - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+def _normalise(x: np.ndarray) -> np.ndarray:
+    """In-memory volume clipped at the 0.1/99.9 percentiles and scaled to [0, 1] (float32).
+
+    The same normalisation as inference input: :func:`cryosiam_nb.pp.normalize` with
+    ``invert=False`` (training volumes are already protein-bright).
+    """
+    return np.asarray(pp.normalize(np.asarray(x, np.float32), invert=False).values)
 
 
 def _load_volume(src: Any, what: str) -> tuple[np.ndarray, float | None]:
@@ -106,13 +101,13 @@ def _from_simulation(sim: Any, name: str, image: str, normalise: bool) -> Tomogr
     if image not in ds:
         raise InputError(f"simulation {name!r} has no volume {image!r}; has {list(ds.data_vars)}")
     img = np.asarray(ds[image].values, dtype=np.float32)
-    img = normalise01(img) if normalise else img
+    img = _normalise(img) if normalise else img
     labels = {}
     for k in ds.data_vars:
         if k == image:
             continue
         v = np.asarray(ds[k].values)
-        labels[k] = normalise01(v) if k in ("clean", "noisy") else v
+        labels[k] = _normalise(v) if k in ("clean", "noisy") else v
     vs = ds.attrs.get("voxel_size")
     return Tomogram(name, img, labels, float(vs) if vs else None, getattr(sim, "particles", None))
 
@@ -175,13 +170,13 @@ def _from_dict(
     if "image" not in spec:
         raise InputError(f"tomogram {name!r}: the dict needs an 'image' entry, got {list(spec)}")
     img, vs = _load_volume(spec["image"], f"{name}: image")
-    img = normalise01(img) if normalise else img.astype(np.float32)
+    img = _normalise(img) if normalise else img.astype(np.float32)
     labels: dict[str, np.ndarray] = {}
     for k, v in spec.items():
         if k in ("image", "name", "voxel_size"):
             continue
         arr, _ = _load_volume(v, f"{name}: {k}")
-        labels[k] = normalise01(arr) if k in ("clean", "noisy") else arr
+        labels[k] = _normalise(arr) if k in ("clean", "noisy") else arr
     if spec.get("voxel_size") is not None:
         vs = float(spec["voxel_size"])
     return Tomogram(str(spec.get("name", name)), img, labels, vs)
@@ -202,7 +197,14 @@ def as_tomograms(data: Any, image: str = "noisy", normalise: bool = True) -> lis
         For simulations: which volume is the network input (``"noisy"`` or ``"clean"``);
         the others become targets/labels.
     normalise
-        Clip inputs at the 0.1/99.9 percentiles and scale to [0, 1].
+        Clip inputs (and ``clean`` / ``noisy`` targets) at the 0.1/99.9 percentiles and
+        scale to [0, 1] with :func:`cryosiam_nb.pp.normalize` (``invert=False``), exactly as
+        inference input is normalised.
+
+    Returns
+    -------
+    list of Tomogram
+        In memory; volumes (z, y, x), voxel size in Å (``None`` when unknown).
     """
     if isinstance(data, (str, os.PathLike)):
         p = Path(data)
@@ -457,34 +459,3 @@ class SubtomoPairDataset(_SeededDataset):
         if self.labels is not None:
             out["label"] = int(self.labels[j])
         return out
-
-
-def extract_boxes(
-    volume: np.ndarray,
-    centres: np.ndarray,
-    box: int,
-    mask: np.ndarray | None = None,
-    ids: Sequence[int] | None = None,
-    grow: int = 2,
-) -> np.ndarray:
-    """Cubes ``(N, box, box, box)`` centred on ``centres`` (N, 3) voxel (z, y, x) from
-    ``volume`` (zero-padded at the border). With an instance ``mask`` and ``ids``,
-    voxels outside the instance (grown by ``grow`` voxels) are set to 0 ("strict" mask)."""
-    from scipy import ndimage
-
-    vol = np.asarray(volume, dtype=np.float32)
-    h = box // 2
-    pad = np.pad(vol, h + 1)
-    mpad = None if mask is None else np.pad(np.asarray(mask), h + 1)
-    out = np.zeros((len(centres), box, box, box), np.float32)
-    for n, c in enumerate(np.asarray(centres)):
-        ci = np.round(c).astype(int) + h + 1
-        sl = tuple(slice(int(a) - h, int(a) - h + box) for a in ci)
-        cube = pad[sl]
-        if mpad is not None and ids is not None:
-            m = mpad[sl] == ids[n]
-            if grow > 0:
-                m = ndimage.binary_dilation(m, iterations=grow)
-            cube = np.where(m, cube, 0.0)
-        out[n] = cube
-    return out

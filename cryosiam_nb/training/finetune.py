@@ -24,19 +24,17 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
+from cryosiam_nb import models
+from cryosiam_nb.io import InputError
+from cryosiam_nb.models import losses
+from cryosiam_nb.models.targets import instance_targets
 from cryosiam_nb.transforms import finetune_geometric_transform
 
-from . import _losses
-from .data import PatchDataset, Tomogram, as_tomograms, split_tomograms
-from .loop import fit, seed_all
-from .ssl import _data_summary, _saver, _voxel_size
+from ._run import Run, run_metadata, split_train_val
+from .data import PatchDataset, Tomogram, as_tomograms
+from .loop import seed_all, split_terms
 
-try:
-    from cryosiam_nb.io import InputError
-except ImportError:  # pragma: no cover
-    InputError = ValueError  # type: ignore[misc,assignment]
-
-__all__ = ["finetune", "evaluate", "predict_volume", "TASK_TARGETS", "task_loss"]
+__all__ = ["finetune", "evaluate", "TASK_TARGETS", "task_loss"]
 
 #: training-target volume of each task
 TASK_TARGETS = {
@@ -48,34 +46,42 @@ TASK_TARGETS = {
 _FOREGROUND = {"semantic": "semantic", "instance": "instances", "lamella": None, "denoise": None}
 
 
-def _models():
-    from cryosiam_nb import models
-
-    return models
-
-
 def task_loss(
     task: str, out: dict[str, torch.Tensor], target: torch.Tensor, denoise_loss: str = "l1_ssim"
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Training loss of a head task for a batch (``target``: ``(N, 1, Z, Y, X)``).
+    """Training loss of a head task for a batch (:mod:`cryosiam_nb.models.losses`).
 
-    Uses :mod:`cryosiam_nb.training._losses`: denoise L1 + SSIM (or ``"mse"``); semantic and
-    lamella CE + generalised Dice + MSE on tanh(distance) vs clipped signed distances;
-    instance BCE(foreground) + MSE(distance) + BCE(boundary)."""
-    L = _losses
+    Parameters
+    ----------
+    task
+        ``"denoise"``, ``"semantic"``, ``"lamella"`` or ``"instance"``.
+    out
+        Raw head outputs of the model for the batch.
+    target
+        ``(N, 1, Z, Y, X)``: the clean volume (denoise), class labels (semantic /
+        lamella) or instance labels (instance; targets made by
+        :func:`cryosiam_nb.models.targets.instance_targets`).
+    denoise_loss
+        ``"l1_ssim"`` (L1 + SSIM) or ``"mse"``.
+
+    Returns
+    -------
+    loss : torch.Tensor
+        Scalar to back-propagate: denoise L1 + SSIM (or MSE); semantic and lamella CE +
+        generalised Dice + MSE on tanh(distance) vs clipped signed distances; instance
+        BCE(foreground) + BCE(boundary) + MSE(distance).
+    terms : dict of str to float
+        The individual terms.
+    """
     if task == "denoise":
-        res = L.denoise_loss(out["denoised"], target, kind=denoise_loss)
+        res = losses.DenoiseLoss(denoise_loss)(out["denoised"], target)
     elif task in ("semantic", "lamella"):
-        n = out["logits"].shape[1]
-        res = L.semantic_loss(out, target, n_classes=n)
+        res = losses.SemanticLoss(out["logits"].shape[1])(out, target)
     elif task == "instance":
-        res = L.instance_loss(out, target)
+        res = losses.InstanceLoss()(out, instances=target)
     else:
         raise InputError(f"task={task!r}: expected one of {sorted(TASK_TARGETS)}")
-    if isinstance(res, tuple):
-        loss, parts = res
-        return loss, {k: float(v) for k, v in dict(parts).items()}
-    return res, {}
+    return split_terms(res)
 
 
 def _step(task: str, denoise_loss: str):
@@ -87,34 +93,6 @@ def _step(task: str, denoise_loss: str):
     return step
 
 
-@torch.no_grad()
-def predict_volume(
-    model: Any,
-    volume: np.ndarray,
-    patch_size: Sequence[int] | None = None,
-    overlap: float = 0.25,
-    device: str | torch.device | None = None,
-) -> dict[str, np.ndarray]:
-    """Whole-volume head outputs (un-activated, ``(C, Z, Y, X)`` numpy) of a small in-memory
-    volume (z, y, x) by MONAI sliding-window inference with Gaussian blending. For large
-    tomograms use ``cryosiam_nb.tl.predict`` (chunked, out of core) instead."""
-    from monai.inferers import sliding_window_inference
-
-    from cryosiam_nb.device import pick_device
-
-    dev = pick_device(device) if device is not None else next(model.parameters()).device
-    vol = np.asarray(volume, np.float32)
-    roi = tuple(int(min(p, s)) for p, s in zip(patch_size or model.patch_size, vol.shape))
-    x = torch.from_numpy(vol)[None, None].to(dev)
-    was_training = model.training
-    model.eval()
-    res = sliding_window_inference(
-        x, roi, sw_batch_size=2, predictor=model, overlap=overlap, mode="gaussian"
-    )
-    model.train(was_training)
-    return {k: v[0].float().cpu().numpy() for k, v in res.items()}
-
-
 def evaluate(
     model: Any,
     tomograms: Sequence[Tomogram],
@@ -123,40 +101,55 @@ def evaluate(
 ) -> dict[str, float]:
     """Validation metrics of a head model on whole tomograms (means over tomograms).
 
-    denoise: ``psnr``, ``ssim``, ``psnr_input`` (the noisy input itself, for reference);
-    semantic / lamella: ``dice_<class>`` and ``dice_mean`` (over classes present);
-    instance: ``dice_foreground``, ``dice_boundary``."""
+    The outputs come from :func:`cryosiam_nb.tl.predict` with its defaults (the model's
+    patch, overlap and Gaussian blending), so validation measures what inference gives.
+
+    Parameters
+    ----------
+    model
+        A head model (task denoise, semantic, lamella or instance).
+    tomograms
+        Validation tomograms with the task's target volume in ``labels``.
+    task
+        Default ``model.task``.
+    device
+        Where to run the model; default the device its parameters are on.
+
+    Returns
+    -------
+    dict of str to float
+        denoise: ``psnr``, ``ssim``, ``psnr_input`` (the noisy input itself, for
+        reference); semantic / lamella: ``dice_<class>`` and ``dice_mean`` (over classes
+        present); instance: ``dice_foreground``, ``dice_boundary`` (probability > 0.5
+        against :func:`cryosiam_nb.models.targets.instance_targets`).
+    """
     from cryosiam_nb import metrics
+    from cryosiam_nb.inference import predict
 
     task = task or model.task
+    dev = device if device is not None else next(model.parameters()).device
     rows: list[dict[str, float]] = []
     for t in tomograms:
-        out = predict_volume(model, t.image, device=device)
+        out = predict(t.image, model, device=str(dev)).compute()
         r: dict[str, float] = {}
         if task == "denoise":
             ref = t.labels["clean"]
-            den = out["denoised"][0]
+            den = out["denoised"].values
             r["psnr"] = metrics.psnr(den, ref, data_range=1.0)
             r["ssim"] = metrics.ssim(den, ref, data_range=1.0)
             r["psnr_input"] = metrics.psnr(t.image, ref, data_range=1.0)
         elif task in ("semantic", "lamella"):
-            pred = out["logits"].argmax(0).astype(np.int64)
-            names = model.class_names or tuple(str(i) for i in range(out["logits"].shape[0]))
+            pred = out["labels"].values.astype(np.int64)
+            names = model.class_names or tuple(str(i) for i in range(out["probabilities"].shape[0]))
             classes = dict(enumerate(names))
             d = metrics.dice(pred, t.labels[TASK_TARGETS[task]].astype(np.int64), classes=classes)
             r.update({f"dice_{k}": float(v) for k, v in d.items()})
         elif task == "instance":
-            tg = _losses.instance_targets(
-                torch.from_numpy(t.labels["instances"].astype(np.int64))[None, None]
-            )
-            fg = (out["foreground"][0] > 0).astype(np.int64)
-            bd = (out["boundary"][0] > 0).astype(np.int64)
-            r["dice_foreground"] = metrics.dice(
-                fg, tg["foreground"][0, 0].numpy().astype(np.int64), classes=[1]
-            )["mean"]
-            r["dice_boundary"] = metrics.dice(
-                bd, tg["boundary"][0, 0].numpy().astype(np.int64), classes=[1]
-            )["mean"]
+            tg = instance_targets(t.labels["instances"].astype(np.int64))
+            for key in ("foreground", "boundary"):
+                pred = (out[key].values > 0.5).astype(np.int64)
+                ref = tg[key][0].astype(np.int64)
+                r[f"dice_{key}"] = metrics.dice(pred, ref, classes=[1])["mean"]
         rows.append(r)
     df = pd.DataFrame(rows)
     return {
@@ -166,7 +159,6 @@ def evaluate(
 
 
 def _load_backbone(backbone: Any) -> Any:
-    models = _models()
     if backbone is None:
         return None
     if isinstance(backbone, (str, Path)):
@@ -229,7 +221,6 @@ def finetune(
         raise InputError(f"task={task!r}: expected one of {sorted(TASK_TARGETS)}")
     if freeze not in ("encoder", "backbone", "none"):
         raise InputError(f"freeze={freeze!r}: expected 'encoder', 'backbone' or 'none'")
-    models = _models()
     seed_all(seed)
     tomos = as_tomograms(data, image=image)
     key = TASK_TARGETS[task]
@@ -262,10 +253,7 @@ def finetune(
         missing = model.backbone.load_state_dict(bb.backbone.state_dict(), strict=True)
         del missing
     model.freeze(freeze)
-    train_names, val_names = split_tomograms([t.name for t in tomos], val_fraction, seed)
-    by_name = {t.name: t for t in tomos}
-    train_t = [by_name[n] for n in train_names]
-    val_t = [by_name[n] for n in val_names]
+    train_t, val_t = split_train_val(tomos, val_fraction, seed)
     psize = tuple(
         int(min(p, s))
         for p, s in zip(model.patch_size, np.min([t.image.shape for t in tomos], axis=0))
@@ -287,39 +275,31 @@ def finetune(
     )
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, drop_last=True)
     val_fn = (lambda m, dev: evaluate(m, val_t, task, dev)) if val_t else None
-    metadata: dict[str, Any] = {
-        "voxel_size": _voxel_size(tomos),
-        "patch_size": list(psize),
-        "data_summary": _data_summary(tomos, train_names, val_names, image),
-        "training": {
-            "kind": "finetune",
-            "task": task,
-            "freeze": freeze,
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "samples_per_epoch": samples_per_epoch,
-            "lr": lr,
-            "seed": seed,
-            "backbone": str(backbone) if isinstance(backbone, (str, Path)) else None,
-        },
+    metadata = run_metadata(tomos, train_t, val_t, image)
+    metadata["patch_size"] = list(psize)
+    metadata["training"] = {
+        "kind": "finetune",
+        "task": task,
+        "freeze": freeze,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "samples_per_epoch": samples_per_epoch,
+        "lr": lr,
+        "seed": seed,
+        "backbone": str(backbone) if isinstance(backbone, (str, Path)) else None,
     }
-    history = fit(
+    history = Run(out, resume, device, seed, progress).fit(
         model,
         loader,
         _step(task, denoise_loss),
+        metadata,
         epochs=epochs,
         lr=lr,
         optimizer="adamw",
         schedule="onecycle",
         val_fn=val_fn,
         val_every=val_every,
-        out=out,
-        resume=resume,
-        device=device,
-        seed=seed,
-        progress=progress,
         desc=f"finetune {task}",
-        save_fn=_final_saver(metadata),
     )
     final = {c[4:]: float(history[c].iloc[-1]) for c in history.columns if c.startswith("val_")}
     model.metadata.update(metadata)
@@ -327,7 +307,3 @@ def finetune(
     if out is not None:
         models.save(model, out, **metadata, metrics=final)
     return model, history
-
-
-def _final_saver(metadata: dict[str, Any]):
-    return _saver(**metadata)

@@ -11,7 +11,7 @@ writes, atomically, after every epoch:
 * ``out`` — the model checkpoint (``cryosiam_nb.models.save``),
 * ``<out>.state.pt`` — optimiser, scheduler, epoch, step and history, for ``resume=True``,
 * ``<out>.history.csv`` — one row per epoch (loss, lr, validation metrics), and
-  ``<out>.history.png`` when ``cryosiam_nb.pl.loss_curves`` is available.
+  ``<out>.history.png`` (:func:`cryosiam_nb.pl.loss_curves`).
 """
 
 from __future__ import annotations
@@ -29,15 +29,37 @@ import torch
 from torch import nn
 
 from cryosiam_nb.device import autocast, pick_device
+from cryosiam_nb.io import InputError, atomic_path
 
-try:
-    from cryosiam_nb.io import InputError, atomic_path
-except ImportError:  # pragma: no cover
-    from cryosiam_nb.models._compat import InputError, atomic_path  # type: ignore
-
-__all__ = ["fit", "make_optimizer", "make_scheduler", "state_path", "history_path", "seed_all"]
+__all__ = [
+    "fit",
+    "make_optimizer",
+    "make_scheduler",
+    "state_path",
+    "history_path",
+    "seed_all",
+    "split_terms",
+]
 
 StepFn = Callable[[nn.Module, Any, torch.device], tuple[torch.Tensor, dict[str, float]]]
+
+
+def split_terms(res: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """A loss dict of :mod:`cryosiam_nb.models.losses` → what a training step returns.
+
+    Parameters
+    ----------
+    res
+        ``{"loss": scalar tensor, <term>: scalar tensor, ...}``.
+
+    Returns
+    -------
+    loss : torch.Tensor
+        ``res["loss"]``, to back-propagate.
+    terms : dict of str to float
+        The other terms as floats (detached), for the training history.
+    """
+    return res["loss"], {k: float(v.detach()) for k, v in res.items() if k != "loss"}
 
 
 def seed_all(seed: int) -> None:
@@ -122,10 +144,8 @@ def _save_history(history: pd.DataFrame, out: Path) -> None:
     csv = history_path(out)
     with atomic_path(csv) as tmp:
         history.to_csv(tmp, index=False)
-    try:
-        from cryosiam_nb.pl import loss_curves  # type: ignore[attr-defined]
-    except (ImportError, AttributeError):
-        return
+    from cryosiam_nb.pl import loss_curves
+
     try:
         png = csv.with_suffix(".png")
         fig = loss_curves(history)

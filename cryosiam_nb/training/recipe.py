@@ -68,32 +68,41 @@ RECIPE: dict[str, Any] = {
     "lamella_sim": {"n": 6, "seed": 3024, "thickness_nm": 24.0},
 }
 
-QUICK: dict[str, Any] = {
-    "sim": {"n": 3, "shape": (32, 48, 48), "voxel_size": 10.0, "seed": 2024, "mode": "fast"},
-    "dense_ssl": {
+
+def _overridden(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """A copy of ``base`` whose sub-dicts are updated with the dicts in ``changes``."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for k, v in changes.items():
+        out[k] = {**out[k], **v} if isinstance(v, dict) else v
+    return out
+
+
+#: ``--quick``: :data:`RECIPE` on three small tomograms for one epoch of everything
+QUICK: dict[str, Any] = _overridden(
+    RECIPE,
+    sim={"n": 3, "shape": (32, 48, 48), "mode": "fast"},
+    dense_ssl={
         "epochs": 1,
         "samples_per_epoch": 4,
         "batch_size": 2,
         "region_size": 24,
         "crop_size": 16,
-        "lr": 0.05,
         "warmup_epochs": 0,
-        "seed": 0,
     },
-    "heads": {
+    heads={
         "epochs": 1,
         "samples_per_epoch": 4,
         "batch_size": 2,
         "patch_size": 16,
-        "lr": 3e-3,
         "val_every": 1,
-        "seed": 0,
         "freeze": "encoder",
     },
-    "subtomo": {"box": 16, "epochs": 1, "samples_per_epoch": 8, "batch_size": 4, "seed": 0},
-    "val_fraction": 0.34,
-    "lamella_sim": {"n": 3, "seed": 3024, "thickness_nm": 16.0},
-}
+    head_epochs={"denoise": 1, "lamella": 1, "semantic": 1, "instance": 1},
+    subtomo={"box": 16, "epochs": 1, "samples_per_epoch": 8, "batch_size": 4},
+    val_fraction=0.34,
+    lamella_sim={"n": 3, "thickness_nm": 16.0},
+)
+
 
 TASK_FILES = {
     "dense_ssl": "tiny-dense-ssl",

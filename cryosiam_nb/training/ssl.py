@@ -18,23 +18,15 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
+from cryosiam_nb import models
+from cryosiam_nb.io import InputError
+from cryosiam_nb.models import losses
+from cryosiam_nb.segmentation.subtomograms import MASKINGS, extract_subtomograms
 from cryosiam_nb.transforms import ssl_view_transform, subtomo_view_transform
 
-from . import _losses
-from .data import (
-    CropPairDataset,
-    SubtomoPairDataset,
-    Tomogram,
-    as_tomograms,
-    extract_boxes,
-    split_tomograms,
-)
-from .loop import fit, seed_all
-
-try:
-    from cryosiam_nb.io import InputError
-except ImportError:  # pragma: no cover
-    InputError = ValueError  # type: ignore[misc,assignment]
+from ._run import Run, run_metadata, split_train_val
+from .data import CropPairDataset, SubtomoPairDataset, Tomogram, as_tomograms
+from .loop import seed_all, split_terms
 
 __all__ = [
     "pretrain_dense",
@@ -45,27 +37,8 @@ __all__ = [
 ]
 
 
-def _models():
-    from cryosiam_nb import models
-
-    return models
-
-
-def _data_summary(tomos: Sequence[Tomogram], train: Sequence[str], val: Sequence[str], image: str):
-    shapes = sorted({tuple(int(s) for s in t.image.shape) for t in tomos})
-    return {
-        "n_tomograms": len(tomos),
-        "train": list(train),
-        "val": list(val),
-        "input": image,
-        "shapes": [list(s) for s in shapes],
-        "normalisation": "clip 0.1/99.9 percentiles, scale to [0, 1]",
-    }
-
-
-def _voxel_size(tomos: Sequence[Tomogram]) -> float | None:
-    vs = {t.voxel_size for t in tomos if t.voxel_size}
-    return float(next(iter(vs))) if len(vs) == 1 else None
+#: the self-supervised recipe (SPEC §2): SGD with momentum, linear warm-up then cosine decay
+_SSL_OPTIMISER = {"optimizer": "sgd", "schedule": "cosine"}
 
 
 def dense_ssl_loss(
@@ -76,9 +49,23 @@ def dense_ssl_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """DenseSimSiam loss L_global + L_dense + L_level over the two views' overlap.
 
-    ``box1``/``box2``: ``(N, 3, 2)`` crop boxes in region coordinates (voxels). Uses
-    :func:`cryosiam_nb.training._losses.dense_simsiam_loss`."""
-    return _losses.dense_simsiam_loss(out1, out2, box1, box2)
+    Parameters
+    ----------
+    out1, out2
+        ``model.ssl_forward(view_1, view_2)`` of a dense_ssl model.
+    box1, box2
+        ``(N, 3, 2)`` crop boxes ``[[z0, z1], [y0, y1], [x0, x1]]`` in region coordinates
+        (voxels, end exclusive).
+
+    Returns
+    -------
+    loss : torch.Tensor
+        The scalar to back-propagate
+        (:func:`cryosiam_nb.models.losses.dense_simsiam_loss`).
+    terms : dict of str to float
+        The individual terms, for the training history.
+    """
+    return split_terms(losses.dense_simsiam_loss(out1, out2, box1, box2))
 
 
 def _dense_step(model, batch, dev):
@@ -143,13 +130,9 @@ def pretrain_dense(
 
     Returns ``(model, history)``; the model's ``backbone`` is what heads fine-tune on.
     """
-    models = _models()
     seed_all(seed)
     tomos = as_tomograms(data, image=image)
-    train_names, val_names = split_tomograms([t.name for t in tomos], val_fraction, seed)
-    by_name = {t.name: t for t in tomos}
-    train_t = [by_name[n] for n in train_names]
-    val_t = [by_name[n] for n in val_names]
+    train_t, val_t = split_train_val(tomos, val_fraction, seed)
     if model is None:
         model = models.build("dense_ssl", preset, **overrides)
     crop = tuple(model.patch_size) if crop_size is None else _tuple3(crop_size)
@@ -176,39 +159,31 @@ def pretrain_dense(
             seed=seed + 1,
         )
         val_fn = _val_loss_fn(val_ds, batch_size, _dense_step)
-    history = fit(
+    metadata = run_metadata(tomos, train_t, val_t, image)
+    metadata["patch_size"] = list(crop)
+    metadata["training"] = {
+        "kind": "dense_ssl",
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "samples_per_epoch": samples_per_epoch,
+        "region_size": list(region),
+        "crop_size": list(crop),
+        "mask_fraction": None if mask_fraction is None else list(mask_fraction),
+        "lr": lr,
+        "seed": seed,
+    }
+    history = Run(out, resume, device, seed, progress).fit(
         model,
         loader,
         _dense_step,
+        metadata,
         epochs=epochs,
         lr=lr,
-        optimizer="sgd",
-        schedule="cosine",
         warmup_epochs=warmup_epochs,
+        **_SSL_OPTIMISER,
         weight_decay=weight_decay,
         val_fn=val_fn,
-        out=out,
-        resume=resume,
-        device=device,
-        seed=seed,
-        progress=progress,
         desc="dense SSL",
-        save_fn=_saver(
-            voxel_size=_voxel_size(tomos),
-            patch_size=list(crop),
-            data_summary=_data_summary(tomos, train_names, val_names, image),
-            training={
-                "kind": "dense_ssl",
-                "epochs": epochs,
-                "batch_size": batch_size,
-                "samples_per_epoch": samples_per_epoch,
-                "region_size": list(region),
-                "crop_size": list(crop),
-                "mask_fraction": None if mask_fraction is None else list(mask_fraction),
-                "lr": lr,
-                "seed": seed,
-            },
-        ),
     )
     return model, history
 
@@ -218,13 +193,6 @@ def _tuple3(v: int | Sequence[int]) -> tuple[int, int, int]:
     if len(t) != 3:
         raise InputError(f"expected an int or 3 ints (z, y, x), got {v!r}")
     return t  # type: ignore[return-value]
-
-
-def _saver(**metadata: Any):
-    def save(model, path: Path) -> None:
-        _models().save(model, path, **metadata)
-
-    return save
 
 
 def _val_loss_fn(val_ds, batch_size: int, step):
@@ -245,34 +213,78 @@ def _val_loss_fn(val_ds, batch_size: int, step):
 def subtomograms_from_tomograms(
     tomograms: Sequence[Tomogram],
     box: int,
-    mask: str = "strict",
+    *,
+    masking: str = "strict",
     grow: int = 2,
     min_voxels: int = 1,
 ) -> tuple[np.ndarray, pd.DataFrame]:
-    """Cubes ``(N, box, box, box)`` centred on every particle of simulated tomograms
-    (their ``particles`` table, centres in voxels), from each tomogram's ``image``.
+    """Cubes centred on every particle of the training tomograms, from each ``image``.
 
-    ``mask="strict"`` zeroes voxels outside the particle's instance label (grown by
-    ``grow`` voxels; needs an ``instances`` volume), ``"none"`` keeps the context.
-    Returns the cubes and a table (tomogram, id, species, size_category) aligned with them."""
-    if mask not in ("strict", "none"):
-        raise InputError(f"mask={mask!r}: expected 'strict' or 'none'")
+    The boxes come from :func:`cryosiam_nb.segmentation.subtomograms.extract_subtomograms`
+    — the extractor ``tl.extract_subtomograms`` uses for ``tl.embed`` — with the same
+    rounding (centres rounded half up) and masking, so a subtomogram model is trained on
+    the boxes it embeds later.
+
+    Parameters
+    ----------
+    tomograms
+        Training tomograms with a ``particles`` table: centres ``z, y, x`` in voxels and
+        the instance label in ``particle_id`` (or ``id``, as the simulator writes it).
+    box
+        Side of the cubes in voxels.
+    masking
+        ``"strict"`` (default), ``"convex_hull"`` or ``"none"``; the first two need an
+        ``instances`` label volume (see ``extract_subtomograms``).
+    grow
+        Dilation in voxels of the ``"strict"`` mask.
+    min_voxels
+        Particles with fewer voxels (``n_voxels`` column) are skipped.
+
+    Returns
+    -------
+    subtomograms : numpy.ndarray
+        ``(N, box, box, box)`` float32.
+    table : pandas.DataFrame
+        Aligned with the cubes: ``tomogram``, ``id`` and, where known, ``species`` and
+        ``size_category``.
+    """
+    if masking not in MASKINGS:
+        raise InputError(f"masking={masking!r}: expected one of {MASKINGS}")
     cubes, rows = [], []
     for t in tomograms:
         p = t.particles
         if p is None or len(p) == 0:
             continue
+        p = getattr(p, "obs", p)
         if "n_voxels" in p:
             p = p[p["n_voxels"] >= min_voxels]
-        centres = p[["z", "y", "x"]].to_numpy(float)
-        inst = t.labels.get("instances") if mask == "strict" else None
-        if mask == "strict" and inst is None:
-            raise InputError(f"tomogram {t.name!r}: mask='strict' needs an 'instances' volume")
-        ids = p["id"].to_numpy() if "id" in p else None
-        cubes.append(extract_boxes(t.image, centres, box, inst, ids, grow))
-        meta = pd.DataFrame(
-            {"tomogram": t.name, "id": ids if ids is not None else np.arange(len(p))}
+        inst = t.labels.get("instances") if masking != "none" else None
+        if masking != "none" and inst is None:
+            raise InputError(
+                f"tomogram {t.name!r}: masking={masking!r} needs an 'instances' volume"
+            )
+        id_col = "particle_id" if "particle_id" in p else "id" if "id" in p else None
+        ids = p[id_col].to_numpy() if id_col else np.arange(len(p))
+        table = pd.DataFrame(
+            {"particle_id": ids, **{c: p[c].to_numpy(float) for c in ("z", "y", "x")}}
         )
+        if masking != "none" and id_col is None:
+            raise InputError(
+                f"tomogram {t.name!r}: masking={masking!r} needs particle ids "
+                "('particle_id' or 'id' column)"
+            )
+        cubes.append(
+            extract_subtomograms(
+                t.image,
+                table,
+                box=box,
+                instances=inst,
+                masking=masking,
+                grow=grow,
+                progress=False,
+            )
+        )
+        meta = pd.DataFrame({"tomogram": t.name, "id": ids})
         for col in ("species", "size_category"):
             if col in p:
                 meta[col] = p[col].to_numpy()
@@ -284,7 +296,7 @@ def subtomograms_from_tomograms(
 
 def _simsiam_step(model, batch, dev):
     o1, o2 = model.ssl_forward(batch["view_1"], batch["view_2"])
-    return _losses.simsiam_loss(o1, o2), {}
+    return losses.simsiam_loss(o1, o2), {}
 
 
 def pretrain_subtomo(
@@ -297,7 +309,7 @@ def pretrain_subtomo(
     lr: float = 0.05,
     warmup_epochs: int = 2,
     image: str = "clean",
-    mask: str = "strict",
+    masking: str = "strict",
     max_translation: float | None = None,
     val_fraction: float = 0.1,
     seed: int = 0,
@@ -310,33 +322,72 @@ def pretrain_subtomo(
 ) -> tuple[Any, pd.DataFrame]:
     """SimSiam pretraining on particle subtomograms (SGD, warm-up + cosine).
 
-    ``data``: simulated tomograms with particle tables (see ``as_tomograms``), or an
-    array of subtomograms ``(N, B, B, B)`` in [0, 1]. ``box`` in voxels (default: the
-    preset's). Views: uniform random rotation, translation ≤ ``max_translation`` voxels
-    (default min(10, box/4)), crop removing ≤ 20 %, one intensity transform.
-    Returns ``(model, history)``; ``model.embed(x)`` gives L2-normalised embeddings."""
-    models = _models()
+    Views: uniform random rotation, translation ≤ ``max_translation`` voxels, crop
+    removing ≤ 20 %, one intensity transform.
+
+    Parameters
+    ----------
+    data
+        Training tomograms with particle tables (see :func:`~.data.as_tomograms`; boxes
+        cut by :func:`subtomograms_from_tomograms`, the extractor ``tl.embed`` is fed
+        by), or an array of subtomograms ``(N, B, B, B)`` in [0, 1].
+    preset
+        Model preset when ``model`` is not given.
+    box
+        Side of the subtomograms in voxels (default: the preset's patch).
+    epochs, batch_size, samples_per_epoch, lr, warmup_epochs
+        Optimisation (SGD with momentum; ``samples_per_epoch`` default: all boxes).
+    image
+        Which volume of a simulation is cut (``"clean"`` or ``"noisy"``).
+    masking
+        ``"strict"``, ``"convex_hull"`` or ``"none"`` (see
+        :func:`cryosiam_nb.segmentation.subtomograms.extract_subtomograms`).
+    max_translation
+        Largest view shift in voxels (default min(10, box / 4)).
+    val_fraction
+        Fraction of whole tomograms (or boxes, for an array) held out.
+    seed
+        Seeds the split, the model and every view.
+    out, resume
+        Checkpoint path (written every epoch) and whether to continue from it.
+    model
+        An existing subtomo_ssl model to train further.
+    device
+        Default: cuda → mps → cpu.
+    progress
+        Show progress bars.
+    **overrides
+        Passed to :func:`cryosiam_nb.models.build`.
+
+    Returns
+    -------
+    model
+        The trained model; ``model.embed(x)`` gives L2-normalised embeddings.
+    history : pandas.DataFrame
+        One row per epoch (loss, lr, validation loss).
+    """
     seed_all(seed)
     if model is None:
         if box is not None:
             overrides.setdefault("patch_size", (box, box, box))
         model = models.build("subtomo_ssl", preset, **overrides)
     box = int(model.patch_size[0])
-    summary: dict[str, Any]
-    vs = None
+    metadata: dict[str, Any]
     if isinstance(data, np.ndarray):
         sub = data
-        summary = {"n_subtomograms": len(sub), "source": "array"}
+        metadata = {
+            "voxel_size": None,
+            "data_summary": {"n_subtomograms": len(sub), "source": "array"},
+        }
         train_idx, val_idx = _split_indices(len(sub), val_fraction, seed)
     else:
         tomos = as_tomograms(data, image=image)
-        vs = _voxel_size(tomos)
-        train_names, val_names = split_tomograms([t.name for t in tomos], val_fraction, seed)
-        sub, meta = subtomograms_from_tomograms(tomos, box, mask=mask)
-        tv = meta["tomogram"].isin(val_names).to_numpy()
+        train_t, val_t = split_train_val(tomos, val_fraction, seed)
+        sub, meta = subtomograms_from_tomograms(tomos, box, masking=masking)
+        tv = meta["tomogram"].isin([t.name for t in val_t]).to_numpy()
         train_idx, val_idx = np.flatnonzero(~tv), np.flatnonzero(tv)
-        summary = _data_summary(tomos, train_names, val_names, image)
-        summary.update(n_subtomograms=int(len(sub)), mask=mask)
+        metadata = run_metadata(tomos, train_t, val_t, image)
+        metadata["data_summary"].update(n_subtomograms=int(len(sub)), masking=masking)
     if sub.ndim != 4 or sub.shape[1:] != (box, box, box):
         raise InputError(f"subtomograms must be (N, {box}, {box}, {box}), got {sub.shape}")
     shift = min(10.0, box / 4) if max_translation is None else float(max_translation)
@@ -349,39 +400,30 @@ def pretrain_subtomo(
             sub[val_idx], subtomo_view_transform(box, max_translation=shift), seed=seed + 1
         )
         val_fn = _val_loss_fn(vds, min(batch_size, len(vds)), _simsiam_step)
-    history = fit(
+    metadata["patch_size"] = [box] * 3
+    metadata["training"] = {
+        "kind": "subtomo_ssl",
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "samples_per_epoch": samples_per_epoch,
+        "lr": lr,
+        "warmup_epochs": warmup_epochs,
+        "image": None if isinstance(data, np.ndarray) else image,
+        "masking": masking,
+        "max_translation": shift,
+        "seed": seed,
+    }
+    history = Run(out, resume, device, seed, progress).fit(
         model,
         loader,
         _simsiam_step,
+        metadata,
         epochs=epochs,
         lr=lr,
-        optimizer="sgd",
-        schedule="cosine",
         warmup_epochs=warmup_epochs,
+        **_SSL_OPTIMISER,
         val_fn=val_fn,
-        out=out,
-        resume=resume,
-        device=device,
-        seed=seed,
-        progress=progress,
         desc="subtomo SSL",
-        save_fn=_saver(
-            voxel_size=vs,
-            patch_size=[box] * 3,
-            data_summary=summary,
-            training={
-                "kind": "subtomo_ssl",
-                "epochs": epochs,
-                "batch_size": batch_size,
-                "samples_per_epoch": samples_per_epoch,
-                "lr": lr,
-                "warmup_epochs": warmup_epochs,
-                "image": image if summary.get("source") != "array" else None,
-                "mask": mask,
-                "max_translation": shift,
-                "seed": seed,
-            },
-        ),
     )
     return model, history
 
@@ -444,7 +486,7 @@ def _contrastive_step(margin: float):
     def step(model, batch, dev):
         e1 = model.embed(batch["view_1"])
         e2 = model.embed(batch["view_2"])
-        return _losses.contrastive_loss(e1, e2, batch["y"], margin=margin), {}
+        return losses.contrastive_loss(e1, e2, batch["y"], margin=margin), {}
 
     return step
 
@@ -485,20 +527,15 @@ def refine_contrastive(
     view = subtomo_view_transform(box, max_translation=min(10.0, box / 4), intensity=False)
     ds = _ContrastivePairs(sub, labels, size_categories, pairs_per_epoch, view, seed)
     loader = _loader(ds, batch_size, False, seed)
-    history = fit(
+    history = Run(out, resume, device, seed, progress).fit(
         model,
         loader,
         _contrastive_step(margin),
+        {"training": {"kind": "contrastive", "epochs": epochs, "margin": margin}},
         epochs=epochs,
         lr=lr,
         optimizer="adamw",
         schedule="onecycle",
-        out=out,
-        resume=resume,
-        device=device,
-        seed=seed,
-        progress=progress,
         desc="contrastive",
-        save_fn=_saver(training={"kind": "contrastive", "epochs": epochs, "margin": margin}),
     )
     return model, history

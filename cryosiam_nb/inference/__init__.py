@@ -1,0 +1,19 @@
+"""Out-of-core, dask-chunked sliding-window inference and dense post-processing.
+
+Modules:
+
+- :mod:`~cryosiam_nb.inference.prediction`: :func:`predict` (lazy Dataset on the
+  tomogram's grid) and :func:`write_predictions` (streams it to zarr); window planning,
+  the model runner and the chunk tasks are in ``_windows``.
+- :mod:`~cryosiam_nb.inference.semantic`: :func:`postprocess_semantic`.
+- :mod:`~cryosiam_nb.inference.lamella`: :func:`lamella_mask`.
+- :mod:`~cryosiam_nb.inference.stitching`: the one block-stitching helper (connected
+  components of labels that meet across block faces, ``scipy.sparse.csgraph``) and the
+  relabelling helpers, used here and by :mod:`cryosiam_nb.segmentation`.
+"""
+
+from cryosiam_nb.inference.lamella import lamella_mask
+from cryosiam_nb.inference.prediction import predict, write_predictions
+from cryosiam_nb.inference.semantic import postprocess_semantic
+
+__all__ = ["predict", "write_predictions", "postprocess_semantic", "lamella_mask"]

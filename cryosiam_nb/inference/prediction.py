@@ -1,0 +1,358 @@
+"""Out-of-core, dask-chunked sliding-window inference: :func:`predict` and its writer.
+
+:func:`predict` runs a CryoSiam model over a tomogram of any size in bounded memory and
+returns a **lazy** :class:`xarray.Dataset` on the tomogram's grid; :func:`write_predictions`
+streams it to zarr. How chunk borders are made invisible (each window runs once, the
+result equals one monolithic MONAI ``sliding_window_inference``) is described in
+:mod:`cryosiam_nb.inference._windows`.
+
+Running on a cluster
+--------------------
+The graph runs on any dask scheduler. With ``dask.distributed`` the same call is used::
+
+    from dask.distributed import Client, LocalCluster
+    client = Client(LocalCluster(n_workers=2, threads_per_worker=1))
+    ds = cryosiam_nb.tl.predict(tomo, model)          # lazy
+    write_predictions(ds, "tomo_pred.zarr")           # runs on the cluster, progress bar
+
+and on a SLURM GPU cluster via dask-jobqueue (not a dependency of cryosiam_nb)::
+
+    from dask_jobqueue import SLURMCluster
+    cluster = SLURMCluster(cores=8, processes=1, memory="32GB", walltime="02:00:00",
+                           job_extra_directives=["--gres=gpu:1"])
+    cluster.scale(jobs=4)
+    client = Client(cluster)
+    write_predictions(cryosiam_nb.tl.predict(tomo, model), "/shared/tomo_pred.zarr")
+
+Each worker picks its own device (``device=None`` → cuda → mps → cpu), moves the model
+there once and caches it. The zarr path must be on a file system all workers share.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import torch
+import xarray as xr
+
+from cryosiam_nb.constants import DENSE_TASKS, DIMS
+from cryosiam_nb.inference._compute import compute
+from cryosiam_nb.inference._windows import (
+    FIXED_HEADS,
+    Runner,
+    default_chunk,
+    plan_axis,
+    stage1,
+    stage2,
+    take,
+)
+from cryosiam_nb.inference.grid import grid_coords, grid_voxel_size
+from cryosiam_nb.io import InputError, as_volume, atomic_path
+
+__all__ = ["predict", "write_predictions"]
+
+
+def _as_dask(arr: np.ndarray | da.Array, chunks: tuple[int, int, int]) -> da.Array:
+    return arr if isinstance(arr, da.Array) else da.from_array(np.asarray(arr), chunks=chunks)
+
+
+def _model_heads(model: torch.nn.Module, task: str, patch: tuple[int, int, int]) -> tuple:
+    """Channels of each head, from the model's attributes or, if needed, one dry run."""
+    if task in ("denoise", "instance"):
+        return tuple((name, 1) for name in FIXED_HEADS[task])
+    names = getattr(model, "class_names", None)
+    if task in ("semantic", "lamella") and names:
+        return tuple((name, len(names)) for name in FIXED_HEADS[task])
+    try:
+        dev = next(iter(model.parameters())).device
+    except StopIteration:
+        dev = torch.device("cpu")
+    x = torch.zeros((1, 1, *patch), device=dev)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            out = {"embedding": model.backbone(x)} if task == "dense_ssl" else model(x)
+    finally:
+        model.train(was_training)
+    if not isinstance(out, Mapping):
+        raise InputError(f"model: forward must return a dict of head outputs, got {type(out)}")
+    wanted = ("embedding",) if task == "dense_ssl" else FIXED_HEADS[task]
+    heads = []
+    for name in wanted:
+        if name not in out:
+            raise InputError(
+                f"model: task {task!r} needs output {name!r}, the model returned {sorted(out)}"
+            )
+        t = out[name]
+        if t.ndim != 5 or tuple(t.shape[2:]) != patch:
+            raise InputError(
+                f"model: output {name!r} has shape {tuple(t.shape)}, expected (1, C, *{patch})"
+            )
+        heads.append((name, int(t.shape[1])))
+    return tuple(heads)
+
+
+def _graph(
+    image: da.Array,
+    roi: da.Array | None,
+    plans: list,
+    runner: Runner,
+    n_out: int,
+) -> da.Array:
+    """The two-stage dask graph: ``(n_out, z, y, x)`` float32, chunked by ``plans``."""
+    runner_d = dask.delayed(runner, pure=True, name=f"cryosiam-model-{runner.key}")
+    tag = runner.key[:8]
+    task, heads = runner.task, runner.heads
+    nz, ny, nx = (len(p.cores) for p in plans)
+    # stage 1: one task per chunk over the region of the windows it owns
+    first = {}
+    for i in range(nz):
+        for j in range(ny):
+            for k in range(nx):
+                reg = tuple(p.regions[n] for p, n in zip(plans, (i, j, k)))
+                sl = tuple(slice(a, e) for a, e in reg)
+                msk = None if roi is None else roi[sl]
+                first[i, j, k] = dask.delayed(stage1, pure=True)(
+                    runner_d, image[sl], msk, dask_key_name=f"cryosiam-windows-{tag}-{i}-{j}-{k}"
+                )
+    # stage 2: each chunk sums the contributions of itself and its lower neighbours
+    rows = []
+    for i in range(nz):
+        plane = []
+        for j in range(ny):
+            line = []
+            for k in range(nx):
+                core = tuple(p.cores[n] for p, n in zip(plans, (i, j, k)))
+                parts, places = [], []
+                for di in (0, 1):
+                    for dj in (0, 1):
+                        for dk in (0, 1):
+                            src = (i - di, j - dj, k - dk)
+                            if min(src) < 0:
+                                continue
+                            reg = [p.regions[n] for p, n in zip(plans, src)]
+                            sl, place = [], []
+                            for (a, e), (c0, c1) in zip(reg, core):
+                                lo, hi = max(a, c0), min(e, c1)
+                                sl.append(slice(lo - a, hi - a) if hi > lo else None)
+                                place.append(slice(lo - c0, hi - c0))
+                            if any(s is None for s in sl):
+                                continue
+                            places.append(tuple(place))
+                            parts.append(
+                                dask.delayed(take, pure=True)(
+                                    first[src],
+                                    tuple(sl),
+                                    dask_key_name=f"cryosiam-take-{tag}-{i}-{j}-{k}-{di}{dj}{dk}",
+                                )
+                            )
+                core_sl = tuple(slice(a, b) for a, b in core)
+                core_shape = tuple(b - a for a, b in core)
+                msk = None if roi is None else roi[core_sl]
+                block = dask.delayed(stage2, pure=True)(
+                    parts,
+                    places,
+                    msk,
+                    core_shape,
+                    task,
+                    heads,
+                    n_out,
+                    dask_key_name=f"cryosiam-blend-{tag}-{i}-{j}-{k}",
+                )
+                line.append(da.from_delayed(block, (n_out, *core_shape), dtype=np.float32))
+            plane.append(line)
+        rows.append(plane)
+    return da.block(rows)
+
+
+def predict(
+    data: xr.DataArray | np.ndarray | da.Array,
+    model: torch.nn.Module,
+    *,
+    patch_size: Sequence[int] | int | None = None,
+    overlap: float = 0.5,
+    batch_size: int = 4,
+    roi: xr.DataArray | np.ndarray | da.Array | None = None,
+    device: str | torch.device | None = None,
+    chunks: Sequence[int] | int | None = None,
+    sigma_scale: float = 0.125,
+    amp: bool | None = None,
+) -> xr.Dataset:
+    """Chunked sliding-window inference of ``model`` on a tomogram → lazy ``xarray.Dataset``.
+
+    Nothing is computed here (one tiny dry run of the model aside, when the number of
+    output channels is not known from its attributes): the result is a dask graph.
+
+    Parameters
+    ----------
+    data
+        Tomogram, dims (z, y, x), values normalised to [0, 1] (protein bright); a dask-backed
+        ``DataArray`` (e.g. from :func:`cryosiam_nb.io.read`) is never loaded whole. Its
+        ``attrs["voxel_size"]`` (Å) is carried to the outputs (1 Å for a bare array).
+    model
+        A CryoSiam model (``task`` ∈ :data:`cryosiam_nb.constants.DENSE_TASKS`;
+        ``patch_size``; ``class_names``); ``model(x)`` returns un-activated heads.
+    patch_size
+        Sliding-window patch (z, y, x) in voxels; default the model's ``patch_size``.
+    overlap
+        Fraction of a patch shared by neighbouring windows (MONAI ``overlap``), in [0, 1).
+    batch_size
+        Windows per forward pass.
+    roi
+        Optional region of interest: a 0/1 (z, y, x) volume on the same grid (e.g.
+        :func:`~cryosiam_nb.inference.lamella_mask`). Windows and chunks without any voxel
+        of it are not run; outputs are exact inside it and 0 outside it.
+    device
+        ``None`` → each worker picks cuda → mps → cpu; mixed precision on CUDA (``amp``).
+    chunks
+        Output chunk (z, y, x) in voxels: a multiple of the window stride and ≥ the patch;
+        default two patches per axis, capped at 128 voxels but never below one patch (64
+        for the tiny models' 32³ patch), rounded up to the stride. Memory per running
+        chunk ≈ (chunk + patch)³ × (output channels + 2) × 4 bytes.
+    sigma_scale
+        Gaussian blending sigma as a fraction of the patch (MONAI's default 0.125).
+    amp
+        Mixed precision: ``None`` → on CUDA only.
+
+    Returns
+    -------
+    xarray.Dataset
+        Lazy, on the input grid (coords in Å, ``index * voxel_size`` unless the input has
+        its own). ``attrs["voxel_size"]`` (Å) is set on the Dataset **and on every
+        variable**, so ``io.write(ds["denoised"], ...)`` writes the right voxel size; the
+        Dataset's attrs also hold ``task``, ``patch_size``, ``overlap``, ``blending``,
+        ``sigma_scale``. Variables — denoise: ``denoised`` float32 (z, y, x); semantic /
+        lamella: ``probabilities`` float16 (class, z, y, x; softmax), ``labels`` uint8
+        (argmax), ``distance`` float16 (class, z, y, x; tanh); instance: ``foreground``,
+        ``boundary`` (sigmoid) and ``distance`` float32; dense_ssl: ``embedding`` float16
+        (feature, z, y, x). All heads come from one model pass per window. Dask computes
+        when the result is computed: :func:`write_predictions` (streams to zarr),
+        ``ds.compute()`` for small volumes.
+    """
+    task = getattr(model, "task", None)
+    if task not in DENSE_TASKS:
+        raise InputError(f"model: task must be one of {DENSE_TASKS}, got {task!r}")
+    vol = as_volume(data, "data")
+    vs = grid_voxel_size(data)
+    patch_src = getattr(model, "patch_size", None) if patch_size is None else patch_size
+    if patch_src is None:
+        raise InputError("patch_size: the model has no patch_size; pass patch_size=(z, y, x)")
+    patch = (int(patch_src),) * 3 if np.isscalar(patch_src) else tuple(int(p) for p in patch_src)
+    if len(patch) != 3 or min(patch) < 1:
+        raise InputError(f"patch_size: expected 3 positive voxel counts (z, y, x), got {patch_src}")
+    if not 0 <= float(overlap) < 1:
+        raise InputError(f"overlap: must be in [0, 1), got {overlap}")
+    if int(batch_size) < 1:
+        raise InputError(f"batch_size: must be ≥ 1, got {batch_size}")
+    overlap = float(overlap)
+    shape = tuple(int(s) for s in vol.shape)
+    if chunks is None:
+        chunk = tuple(default_chunk(s, p, overlap) for s, p in zip(shape, patch))
+    elif np.isscalar(chunks):
+        chunk = (int(chunks),) * 3
+    else:
+        chunk = tuple(int(c) for c in chunks)
+        if len(chunk) != 3:
+            raise InputError(f"chunks: expected 3 voxel counts (z, y, x), got {chunks}")
+    plans = [plan_axis(s, p, overlap, c, ax) for s, p, c, ax in zip(shape, patch, chunk, DIMS)]
+    heads = _model_heads(model, task, patch)
+
+    image = _as_dask(vol, chunk)
+    if image.dtype != np.float32:
+        image = image.astype(np.float32)
+    roi_d = None
+    if roi is not None:
+        m = as_volume(roi, "roi")
+        if tuple(m.shape) != shape:
+            raise InputError(f"roi: shape {tuple(m.shape)} differs from the data's {shape}")
+        roi_d = (_as_dask(m, chunk) > 0).astype(np.uint8)
+
+    dev_arg = None if device is None else str(device)
+    runner = Runner(
+        model, task, heads, patch, overlap, int(batch_size), float(sigma_scale), dev_arg, amp
+    )
+    n_raw = runner.n_channels
+    n_out = 2 * heads[0][1] + 1 if task in ("semantic", "lamella") else n_raw
+    stacked = _graph(image, roi_d, plans, runner, n_out)
+
+    coords: dict[str, Any] = grid_coords(data, shape, vs)
+    attrs = dict(getattr(data, "attrs", {}))
+    attrs.update(
+        {
+            "voxel_size": vs,
+            "task": task,
+            "patch_size": list(patch),
+            "overlap": overlap,
+            "blending": "gaussian",
+            "sigma_scale": float(sigma_scale),
+        }
+    )
+    va = {"voxel_size": vs}
+    variables: dict[str, Any] = {}
+    if task == "denoise":
+        variables["denoised"] = (DIMS, stacked[0], dict(va))
+    elif task in ("semantic", "lamella"):
+        n = heads[0][1]
+        names = getattr(model, "class_names", None)
+        names = list(names) if names is not None and len(names) == n else None
+        # object strings: stored as zarr v3 variable-length strings
+        coords["class"] = np.array(names or [f"class_{c}" for c in range(n)], dtype=object)
+        variables["probabilities"] = (("class", *DIMS), stacked[:n].astype(np.float16), dict(va))
+        variables["labels"] = (DIMS, stacked[n].astype(np.uint8), dict(va))
+        variables["distance"] = (("class", *DIMS), stacked[n + 1 :].astype(np.float16), dict(va))
+    elif task == "instance":
+        variables["foreground"] = (DIMS, stacked[0], dict(va))
+        variables["boundary"] = (DIMS, stacked[1], dict(va))
+        variables["distance"] = (DIMS, stacked[2], dict(va))
+    else:
+        coords["feature"] = np.arange(n_raw)
+        variables["embedding"] = (("feature", *DIMS), stacked.astype(np.float16), dict(va))
+    return xr.Dataset(variables, coords=coords, attrs=attrs)
+
+
+def write_predictions(
+    ds: xr.Dataset | xr.DataArray,
+    path: str | os.PathLike[str],
+    *,
+    progress: bool = True,
+    overwrite: bool = True,
+) -> os.PathLike[str]:
+    """Stream a lazy prediction Dataset to a zarr store, chunk by chunk, atomically.
+
+    Each output chunk is computed (here, on the active dask scheduler), written and
+    released; no tomogram-sized array is held. The store is written to a temporary sibling
+    and renamed onto ``path`` when complete. Under a ``dask.distributed`` Client the work
+    runs on the cluster (``path`` must be on a shared file system).
+
+    Parameters
+    ----------
+    ds
+        A :func:`predict` Dataset (or one DataArray, stored under its name). Variable and
+        Dataset attrs (``voxel_size`` in Å, ...) are stored with it.
+    path
+        Output ``.zarr`` directory.
+    progress
+        Show a progress bar.
+    overwrite
+        Replace an existing ``path`` (only once the new store is complete); with ``False``
+        an existing ``path`` raises ``FileExistsError``.
+
+    Returns
+    -------
+    os.PathLike
+        ``path``; open it again with ``xarray.open_zarr(path, consolidated=False)``.
+    """
+    if isinstance(ds, xr.DataArray):
+        ds = ds.to_dataset(name=ds.name or "data")
+    if not isinstance(ds, xr.Dataset):
+        raise InputError(f"ds: expected an xarray Dataset, got {type(ds).__name__}")
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        delayed = ds.to_zarr(tmp, mode="w", compute=False, consolidated=False)
+        compute(delayed, progress=progress)
+    return path

@@ -1,0 +1,131 @@
+"""The explorer's export and save actions (the formats themselves live in :mod:`cryosiam_nb.export`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cryosiam_nb import export as _export
+from cryosiam_nb.io import InputError
+from cryosiam_nb.particles import Particles
+
+__all__ = ["EXPORT_FORMATS"]
+
+#: Export menu label → (format name of :func:`cryosiam_nb.export.write`, default file suffix).
+EXPORT_FORMATS: dict[str, tuple[str, str]] = {
+    "STAR (RELION 3/4 + Warp)": ("relion4", ".star"),
+    "STAR (RELION 5)": ("relion5", ".star"),
+    "CSV (Å)": ("csv", ".csv"),
+    "copick JSON": ("copick", ""),
+}
+#: Columns the explorer keeps in STAR files (the particle ids make them traceable).
+_STAR_EXTRA: tuple[str, ...] = ("particle_id", "cluster", "species", "score")
+
+
+class ExportMixin:
+    """``export`` / ``save`` of :class:`~cryosiam_nb.pl.curation.Explorer` (needs its state)."""
+
+    particles: Particles
+    shapes: dict[str, tuple[int, ...]]
+    tomograms: dict[str, object]
+    status: str
+    _sel: np.ndarray
+
+    def _export_table(
+        self, scope: str, clusters: Sequence[str] | None, include_excluded: bool
+    ) -> pd.DataFrame:
+        obs = self.particles.obs
+        if scope == "selection":
+            pos = self._sel
+        elif scope == "clusters":
+            names = self.particles._require_clusters(clusters or [])
+            if not names:
+                raise InputError("export: choose at least one cluster")
+            pos = np.flatnonzero(obs["cluster"].isin(names).to_numpy(dtype=bool, na_value=False))
+        elif scope == "all":
+            pos = np.arange(len(obs))
+        else:
+            raise InputError(
+                f"export scope must be 'selection', 'clusters' or 'all', got {scope!r}"
+            )
+        if not include_excluded and "excluded" in obs.columns:
+            pos = pos[~obs["excluded"].to_numpy(dtype=bool)[pos]]
+        if len(pos) == 0:
+            raise InputError(
+                f"export: no particles to export (scope {scope!r}; excluded are skipped)"
+            )
+        return self.particles.selection_to_table(pos)
+
+    def _shape_of(self, tomogram: str) -> tuple[int, int, int]:
+        """(z, y, x) size in voxels of a tomogram: ``shapes=``, the tomogram, or ``uns``."""
+        if tomogram in self.shapes:
+            return self.shapes[tomogram]
+        if tomogram in self.tomograms:
+            return self._viewer(tomogram).shape
+        shapes = self.particles.uns.get("tomogram_shapes", {})
+        if tomogram in shapes:
+            return tuple(int(s) for s in shapes[tomogram])
+        raise InputError(
+            f"RELION 5 export needs the (z, y, x) shape of tomogram {tomogram!r}: pass "
+            f"tomograms= or shapes={{'{tomogram}': (nz, ny, nx)}} to the explorer"
+        )
+
+    def export(
+        self,
+        path: str | os.PathLike[str],
+        fmt: str = "relion4",
+        scope: str = "selection",
+        clusters: Sequence[str] | None = None,
+        include_excluded: bool = False,
+    ) -> Path:
+        """Write particle coordinates of the selection / chosen clusters / all particles.
+
+        The file is written by :func:`cryosiam_nb.export.write`.
+
+        Parameters
+        ----------
+        path
+            Output file; for ``copick`` the copick root folder.
+        fmt
+            ``"relion4"`` (RELION 3/4 + Warp STAR, voxel coordinates; aliases ``"relion3"``,
+            ``"warp"``, ``"star"``), ``"relion5"`` (centred Å; needs the tomogram shapes from
+            ``shapes=``, ``tomograms=`` or ``uns["tomogram_shapes"]``), ``"csv"`` (Å and
+            voxels), ``"copick"``, or a label of :data:`EXPORT_FORMATS`.
+        scope
+            ``"selection"``, ``"clusters"`` (those named in ``clusters``) or ``"all"``.
+        clusters
+            Cluster names for ``scope="clusters"``.
+        include_excluded
+            Also write particles flagged as excluded (skipped by default).
+
+        Returns
+        -------
+        pathlib.Path
+            The path written. STAR/CSV files carry the particle ids
+            (``cryosiamNbParticle_id`` / ``particle_id``).
+        """
+        key = EXPORT_FORMATS[fmt][0] if fmt in EXPORT_FORMATS else _export.format_of(path, fmt)
+        df = self._export_table(scope, clusters, include_excluded)
+        opts: dict[str, object] = {}
+        if key in ("relion4", "relion5"):
+            opts["extra"] = _STAR_EXTRA
+        if key == "relion5":
+            names = df["tomogram"].astype(str).unique()
+            opts["tomogram_shape"] = {t: self._shape_of(t) for t in names}
+        out = _export.write(df, path, format=key, **opts)
+        if key == "copick":
+            n_runs = df["tomogram"].astype(str).nunique()
+            self.status = f"exported {len(df)} particle(s) to {n_runs} copick file(s) in {out}"
+        else:
+            self.status = f"exported {len(df)} particle(s) to {out}"
+        return out
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Save the curated Particles (zarr store, written atomically); returns its path."""
+        out = self.particles.save(path)
+        self.status = f"saved {len(self.particles)} particle(s) to {out}"
+        return Path(out)

@@ -1,0 +1,148 @@
+"""Server-side UMAP rendering: datashader aggregation at screen resolution → HoloViews RGB.
+
+Also the categorical palette of the explorer's colour-by fields (clusters, species, sizes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import datashader as ds
+import datashader.transfer_functions as tf
+import holoviews as hv
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+from cryosiam_nb.constants import INSTANCE_COLORS
+from cryosiam_nb.particles.curation import natural_key  # noqa: F401 - re-exported for app.py
+
+__all__ = ["render_umap", "palette", "COLOR_FIELDS", "EXCLUDED_LABEL", "EXCLUDED_COLOR"]
+
+#: ``obs`` columns the explorer can colour the UMAP by (those present are offered).
+COLOR_FIELDS: tuple[str, ...] = ("cluster", "species", "size_category", "score")
+#: Category shown for excluded particles, whatever their value.
+EXCLUDED_LABEL = "(excluded)"
+#: Colour of :data:`EXCLUDED_LABEL`.
+EXCLUDED_COLOR = "#c8c8c8"
+#: Viridis stops for numeric fields (``score``).
+_VIRIDIS = ["#440154", "#3b528b", "#21918c", "#5ec962", "#fde725"]
+
+
+def palette(n: int) -> list[str]:
+    """``n`` distinct category colours (hex ``#rrggbb``).
+
+    :data:`cryosiam_nb.constants.INSTANCE_COLORS` first (the colours ``pl.umap`` uses), then
+    colorcet's ``glasbey_dark``; cycles beyond that.
+    """
+    if n <= len(INSTANCE_COLORS):
+        return list(INSTANCE_COLORS[:n])
+    import colorcet  # noqa: PLC0415 - a datashader dependency; only needed past 20
+
+    cols = list(INSTANCE_COLORS) + list(colorcet.glasbey_dark)
+    return [cols[i % len(cols)] for i in range(n)]
+
+
+def extent(a: np.ndarray) -> tuple[float, float]:
+    """(min, max) of ``a`` padded by 3 % of the range ((0, 1) for no data)."""
+    if a.size == 0:
+        return (0.0, 1.0)
+    lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
+    pad = 0.03 * ((hi - lo) or 1.0)
+    return lo - pad, hi + pad
+
+
+def _to_rgb(img: tf.Image, x_range: Sequence[float], y_range: Sequence[float]) -> hv.RGB:
+    """datashader Image (uint32 RGBA, y ascending) → HoloViews RGB element."""
+    rgba = np.ascontiguousarray(np.asarray(img.data, dtype=np.uint32)).view(np.uint8)
+    rgba = rgba.reshape(img.shape[0], img.shape[1], 4)[::-1]
+    return hv.RGB(
+        rgba,
+        bounds=(x_range[0], y_range[0], x_range[1], y_range[1]),
+        kdims=["u", "v"],
+        vdims=["R", "G", "B", "A"],
+    )
+
+
+def render_umap(
+    frame: pd.DataFrame,
+    color_by: str | None,
+    color_key: Mapping[str, str] | None = None,
+    x_range: Sequence[float] | None = None,
+    y_range: Sequence[float] | None = None,
+    width: int = 600,
+    height: int = 520,
+    spread: bool = True,
+    rows: np.ndarray | None = None,
+) -> hv.RGB:
+    """Aggregate the UMAP points with datashader and shade them into one RGB image.
+
+    Parameters
+    ----------
+    frame
+        Columns ``u, v`` (UMAP coordinates) and ``color_by``.
+    color_by
+        A categorical column (``count_cat`` aggregation, one colour per category from
+        ``color_key``), the numeric ``"score"`` (mean score per pixel, viridis), or ``None``:
+        draw ``rows`` in black (the selection layer).
+    color_key
+        ``{category: "#rrggbb"}`` for a categorical ``color_by``.
+    x_range, y_range
+        Plotted (min, max) in UMAP units; default: the data extent + 3 %.
+    width, height
+        Canvas size in pixels.
+    spread
+        Grow isolated pixels (up to 3 px, by canvas coverage) so sparse points show.
+    rows
+        Row positions of ``frame`` to draw (default: all).
+
+    Returns
+    -------
+    holoviews.RGB
+        The image with kdims ``u, v`` and bounds = the ranges.
+    """
+    x_range = tuple(x_range) if x_range is not None else extent(frame["u"].to_numpy())
+    y_range = tuple(y_range) if y_range is not None else extent(frame["v"].to_numpy())
+    if rows is not None:
+        frame = frame.iloc[rows]
+    cvs = ds.Canvas(
+        plot_width=max(int(width), 2),
+        plot_height=max(int(height), 2),
+        x_range=x_range,
+        y_range=y_range,
+    )
+    if color_by is None:
+        agg = cvs.points(frame, "u", "v", agg=ds.count())
+        img = tf.shade(agg, cmap=["#000000", "#000000"], min_alpha=160)
+    elif color_by == "score":
+        agg = cvs.points(frame, "u", "v", agg=ds.mean("score"))
+        img = tf.shade(agg, cmap=_VIRIDIS)
+    else:
+        agg = cvs.points(frame, "u", "v", agg=ds.count_cat(color_by))
+        img = tf.shade(agg, color_key=dict(color_key or {}), min_alpha=140)
+    if spread:
+        img = _spread_sparse(img)
+    return _to_rgb(img, x_range, y_range)
+
+
+def _spread_sparse(img: tf.Image, max_px: int = 3) -> tf.Image:
+    """Grow isolated points of a shaded image by up to ``max_px`` pixels (sparse plots only).
+
+    The radius follows how much of the canvas is covered (dense plots are left untouched);
+    empty pixels take a neighbour's colour (``scipy.ndimage.maximum_filter`` on the packed
+    RGBA values), so colours are never mixed. Works for any number of categories at the cost
+    of one 2-D filter (datashader's own ``spread`` needs a slow per-shape JIT compile).
+    """
+    packed = np.asarray(img.data, dtype=np.uint32)
+    opaque = (packed >> 24) != 0  # empty pixels have alpha 0 (but may carry a colour)
+    packed = np.where(opaque, packed, np.uint32(0))
+    filled = float(np.count_nonzero(opaque)) / max(packed.size, 1)
+    px = 3 if filled < 0.01 else 2 if filled < 0.05 else 1 if filled < 0.2 else 0
+    px = min(px, int(max_px))
+    if px == 0:
+        return img
+    yy, xx = np.mgrid[-px : px + 1, -px : px + 1]
+    grown = ndimage.maximum_filter(packed, footprint=(yy**2 + xx**2) <= px * px + 1)
+    out = img.copy()
+    out.data = np.where(opaque, packed, grown)
+    return out

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from os import PathLike
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -34,3 +36,11 @@ def _names(df: pd.DataFrame, tomogram: str | None) -> pd.Series:
     if "tomogram" in df.columns:
         return df["tomogram"].astype(str)
     raise InputError("export: give tomogram=<name> or a 'tomogram' column in the table")
+
+
+def _existing(path: str | PathLike[str]) -> Path:
+    """``path`` as a Path, or an InputError naming it when it does not exist."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file")
+    return p

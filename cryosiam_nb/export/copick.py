@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cryosiam_nb.export._common import _check_table, _names
+from cryosiam_nb.export._common import _check_table, _existing, _names
 from cryosiam_nb.io import InputError, atomic_path
 
 __all__ = ["write_copick", "read_copick"]
@@ -109,9 +109,7 @@ def read_copick(path: str | os.PathLike[str]) -> pd.DataFrame:
         ``tomogram`` (run), ``object``, ``z, y, x`` in voxels (Å / ``voxel_spacing``) and
         ``score``.
     """
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"{p}: no such file")
+    p = _existing(path)
     try:
         doc = json.loads(p.read_text())
     except json.JSONDecodeError as exc:

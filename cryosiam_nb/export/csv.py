@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cryosiam_nb.export._common import _check_table, _names
+from cryosiam_nb.export._common import _check_table, _existing, _names
 from cryosiam_nb.io import InputError, atomic_path
 
 __all__ = ["write_csv", "read_csv"]
@@ -83,9 +83,7 @@ def read_csv(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, float]:
         The table with ``z, y, x`` in voxels (and the written columns), and the voxel size in Å
         from the header.
     """
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"{p}: no such file")
+    p = _existing(path)
     vs = None
     with open(p) as fh:
         for line in fh:

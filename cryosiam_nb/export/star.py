@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import starfile
 
-from cryosiam_nb.export._common import ShapeZYX, _check_table, _names
+from cryosiam_nb.export._common import ShapeZYX, _check_table, _existing, _names
 from cryosiam_nb.io import InputError, atomic_path
 
 __all__ = ["write_star_relion4", "write_star_relion5", "read_star"]
@@ -191,9 +191,7 @@ def read_star(path: str | os.PathLike[str], voxel_size: float | None = None) -> 
         ``tomogram``, ``z, y, x`` (voxels; RELION 3/4) or ``z_A, y_A, x_A`` (centred Å;
         RELION 5), and the ``cryosiamNb*`` columns under their lower-case names.
     """
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"{p}: no such file")
+    p = _existing(path)
     try:
         blocks = starfile.read(p, always_dict=True)
     except Exception as exc:

@@ -20,6 +20,7 @@ __all__ = [
     "kda_category",
     "TASKS",
     "DENSE_TASKS",
+    "HEAD_TASKS",
     "DISTANCE_SCALE",
 ]
 
@@ -89,9 +90,27 @@ KDA_CATEGORIES: tuple[tuple[str, float, float], ...] = (
 )
 
 #: Every model task (``models.build(task)``).
-TASKS: tuple[str, ...] = ("dense_ssl", "denoise", "semantic", "lamella", "instance", "subtomo_ssl")
+TASKS: tuple[str, ...] = (
+    "dense_ssl",
+    "denoise",
+    "semantic",
+    "lamella",
+    "instance",
+    "multitask",
+    "subtomo_ssl",
+)
 #: Tasks whose models ``tl.predict`` runs densely over a tomogram.
-DENSE_TASKS: tuple[str, ...] = ("denoise", "semantic", "lamella", "instance", "dense_ssl")
+DENSE_TASKS: tuple[str, ...] = (
+    "denoise",
+    "semantic",
+    "lamella",
+    "instance",
+    "multitask",
+    "dense_ssl",
+)
+#: The head tasks of a ``"multitask"`` model, in the order its heads run: one backbone
+#: pass feeds them all.
+HEAD_TASKS: tuple[str, ...] = ("denoise", "lamella", "semantic", "instance")
 
 #: Distance maps are predicted through tanh, clipped at ±5 voxels and divided by 5:
 #: a network value of 1 means 5 voxels.

@@ -1,6 +1,7 @@
 """The end-to-end demo: simulate (or read) a tomogram and run the whole CryoSiam path.
 
-simulate → write/read MRC → normalise → denoise → lamella → semantic → instances →
+simulate → write/read MRC → normalise → one multi-task pass (denoise, lamella, semantic,
+instance heads) → lamella mask → semantic labels → instances →
 particle table → subtomograms → SimSiam embeddings → k-means (+ spectral) → UMAP →
 exports (RELION 4/5 STAR, CSV, copick) → static HTML report, with metrics against the
 simulator's ground truth. Uses the tiny models shipped in ``cryosiam_nb/weights``.
@@ -46,13 +47,15 @@ def run_demo(
     invert: bool = True,
     fast: bool = False,
     seed: int = 0,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Run the whole pipeline; write outputs + ``report.html`` into ``out``.
 
     With ``mrc=None`` a tomogram is simulated (``fast``: a smaller one) and metrics are
     computed against its ground truth; with ``mrc`` your tomogram is processed (voxel
     size in Å from the header or ``voxel_size``; ``invert`` for raw dark-protein data).
-    Returns a dict with the metrics table, timings and output paths.
+    ``progress`` shows progress bars of the long steps. Returns a dict with the metrics
+    table, timings and output paths.
     """
     from cryosiam_nb import export, io, metrics, models, pp, sim, tl
     from cryosiam_nb.particles import Particles
@@ -78,48 +81,47 @@ def run_demo(
         name = Path(mrc).stem
     tomo = io.read(mrc, voxel_size=voxel_size)
     data = pp.normalize(tomo, invert=invert)
-    denoiser = models.load("tiny-denoise")
-    if denoiser.voxel_size and abs(denoiser.voxel_size - data.attrs["voxel_size"]) > 0.5:
-        data = pp.rescale(data, float(denoiser.voxel_size))
+    model = models.load("tiny-multitask")
+    if model.voxel_size and abs(model.voxel_size - data.attrs["voxel_size"]) > 0.5:
+        data = pp.rescale(data, float(model.voxel_size))
     data = data.persist()
     vs = float(data.attrs["voxel_size"])
     t0 = _step("read + normalise", t0, timings)
 
     # ---------------------------------------------------------------- dense predictions
-    den = tl.predict(data, denoiser)["denoised"].compute()
+    # one multi-task pass: denoise, lamella, semantic and instance heads share the backbone
+    pred = tl.predict(data, model).compute()
+    den = pred["denoised"]
     io.write(den, out / "denoised.zarr", overwrite=True)
-    t0 = _step("denoise", t0, timings)
+    t0 = _step("dense predictions (one pass, 4 heads)", t0, timings)
 
-    lam_model = models.load("tiny-lamella")
-    lam_probs = tl.predict(data, lam_model)["probabilities"]
-    lamella = tl.lamella_mask(lam_probs, progress=False).compute()
+    lamella = tl.lamella_mask(pred, progress=progress).compute()
     if int(lamella.sum()) == 0:
         lamella = lamella.copy(data=np.ones(lamella.shape, dtype=lamella.dtype))
     t0 = _step("lamella mask", t0, timings)
 
-    sem_model = models.load("tiny-semantic")
-    sem = tl.predict(data, sem_model, roi=lamella).compute()
+    sem = tl.outputs_of(pred, "semantic")
+    sem["labels"] = sem["labels"].where(lamella > 0, 0).astype(np.uint8)
     io.write(sem["labels"], out / "semantic.zarr", overwrite=True)
     t0 = _step("semantic segmentation", t0, timings)
 
-    inst_model = models.load("tiny-instance")
-    maps = tl.predict(data, inst_model, roi=lamella).compute()
-    labels = tl.instances(maps, min_size=10, progress=False)
-    picker = "tiny-instance model"
+    # post-processing settings chosen on the recipe's validation tomograms (model card)
+    tuned = dict(model.metadata.get("instance_defaults", {}))
+    labels = tl.instances(pred, min_size=10, roi=lamella, progress=progress, **tuned)
+    picker = "tiny-multitask instance head"
     n_model = int(len(np.unique(labels.values)) - 1)
     if n_model < MIN_PARTICLES:
-        # Said out loud, recorded in the metrics and the report: the shipped tiny instance
-        # model is too weak on noisy data (see its model card), so particles are picked
-        # by density from the denoised tomogram instead.
+        # Said out loud, recorded in the metrics and the report: if the instance head finds
+        # (almost) nothing, particles are picked by density from the denoised tomogram.
         print(
-            f"  ! the tiny instance model found {n_model} particles (< {MIN_PARTICLES}); "
+            f"  ! the instance head found {n_model} particles (< {MIN_PARTICLES}); "
             "picking by density on the denoised tomogram instead (segmentation."
             "maps_from_density)",
             flush=True,
         )
         picker = "density threshold of the denoised tomogram"
         dmaps = tl.maps_from_density(den, roi=lamella)
-        labels = tl.instances(dmaps, min_size=10, progress=False)
+        labels = tl.instances(dmaps, min_size=10, progress=progress)
     io.write(labels.astype(np.uint32), out / "instances.zarr", overwrite=True)
     table = tl.particles(labels, tomogram=data, semantic=sem["labels"], name=name)
     t0 = _step(f"instances ({len(table)} particles)", t0, timings)

@@ -3,4 +3,4 @@
 #   bash scripts/demo.sh                 # simulated tomogram
 #   bash scripts/demo.sh --mrc my.mrc --voxel-size 6.8
 source "$(dirname "$0")/_venv.sh"
-cryosiam-nb demo "$@"
+cryosiam-nb demo --overwrite "$@"

@@ -16,7 +16,11 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def params(extra: str = "") -> nbformat.NotebookNode:
+MY_TOMOGRAM = "MY_TOMOGRAM = None   # your tomogram (.mrc / .rec / .zarr); None: a simulated one\n"
+MY_VOXEL_SIZE = "MY_VOXEL_SIZE = None  # Å per voxel when the header is wrong; None: the header's\n"
+
+
+def params(extra: str = MY_TOMOGRAM + MY_VOXEL_SIZE) -> nbformat.NotebookNode:
     src = (
         "# Parameters (papermill style). FAST = True runs a small version (used by the tests).\n"
         "FAST = False\n"
@@ -24,6 +28,32 @@ def params(extra: str = "") -> nbformat.NotebookNode:
         'OUT = "nb_outputs"\n' + extra
     )
     return new_code_cell(src, metadata={"tags": ["parameters"]})
+
+
+def own(step: str, simulated: str = "simulation", read: bool = True) -> list[nbformat.NotebookNode]:
+    """The "use your own tomogram" cells: read ``MY_TOMOGRAM`` (else write the simulated
+    raw tomogram as MRC and read it back, exactly as a file of yours), normalise (``read``),
+    then ``step``."""
+    return [
+        new_markdown_cell(
+            "## Use your own tomogram\n"
+            "Set `MY_TOMOGRAM` (and `MY_VOXEL_SIZE` if the header is wrong) in the parameters "
+            "cell and rerun. Without one, the simulated raw tomogram is written as MRC and read "
+            "back, as a file of yours would be. Raw cryo-ET has dark protein: `invert=True` "
+            "makes it bright for the models."
+        ),
+        new_code_cell(
+            "path = Path(MY_TOMOGRAM) if MY_TOMOGRAM else io.write(\n"
+            f'    {simulated}.raw_noisy, out / "my_tomogram.mrc", overwrite=True)\n'
+            + (
+                "mine = pp.normalize(io.read(path, voxel_size=MY_VOXEL_SIZE), invert=True)"
+                ".persist()\n"
+                if read
+                else ""
+            )
+            + step
+        ),
+    ]
 
 
 SETUP = """\
@@ -70,23 +100,25 @@ NB["01_data_and_simulation"] = [
         'parts = simulation.particles\nprint(parts["size_category"].value_counts())\nparts.head()'
     ),
     new_markdown_cell(
-        "## Your own tomogram: read, check voxel size, normalise\n"
-        "Here the simulated raw-contrast volume is written as MRC and read back, as you would "
-        "open your own file. Raw cryo-ET has dark protein on bright ice; `invert=True` makes "
-        "protein bright for the models. A header voxel size of 0 or 1 Å triggers a warning: "
-        "then pass `voxel_size=`."
+        "## Use your own tomogram: read, check voxel size, normalise\n"
+        "Set `MY_TOMOGRAM` in the parameters cell to open your file; without one the "
+        "simulated raw-contrast volume is written as MRC and read back, exactly as your file "
+        "would be. Raw cryo-ET has dark protein on bright ice; `invert=True` makes protein "
+        "bright for the models. A header voxel size of 0 or 1 Å triggers a warning: then set "
+        "`MY_VOXEL_SIZE` (it becomes `voxel_size=`). Nothing is read until needed (dask)."
     ),
     new_code_cell(
-        'mrc = io.write(simulation.raw_noisy, out / "tomogram.mrc", overwrite=True)\n'
-        "tomo = io.read(mrc)\n"
+        "mrc = Path(MY_TOMOGRAM) if MY_TOMOGRAM else io.write(\n"
+        '    simulation.raw_noisy, out / "tomogram.mrc", overwrite=True)\n'
+        "tomo = io.read(mrc, voxel_size=MY_VOXEL_SIZE)\n"
         'print(tomo.dims, tomo.shape, tomo.attrs["voxel_size"], "Å")\n'
         "norm = pp.normalize(tomo, invert=True)\n"
         "norm"
     ),
     new_code_cell(
-        'display(pl.orthoslices(norm.compute(), title="normalised, protein bright"))\n'
+        'display(pl.orthoslices(norm, title=f"{mrc.name}, normalised, protein bright"))\n'
         "assert float(norm.min()) >= 0 and float(norm.max()) <= 1\n"
-        'assert tomo.attrs["voxel_size"] == 10.0'
+        'assert MY_TOMOGRAM or tomo.attrs["voxel_size"] == 10.0'
     ),
     new_markdown_cell(
         "## A training set\n`write_dataset` writes N tomograms + tables + a manifest; the "
@@ -142,6 +174,11 @@ NB["02_denoising"] = [
         'tl.write_predictions(tl.predict(noisy, denoiser), out / "denoised.zarr")\n'
         'io.read(out / "denoised.zarr/denoised")'
     ),
+    *own(
+        'tl.write_predictions(tl.predict(mine, denoiser), out / f"{path.stem}_denoised.zarr")\n'
+        'pl.orthoslices(io.read(out / f"{path.stem}_denoised.zarr/denoised"),\n'
+        '               title=f"{path.name}, denoised")'
+    ),
 ]
 
 NB["03_semantic_segmentation_and_lamella"] = [
@@ -162,6 +199,27 @@ NB["03_semantic_segmentation_and_lamella"] = [
         'lamella = tl.lamella_mask(lam["probabilities"]).compute()\n'
         'print("lamella Dice:", metrics.dice(lamella.values, truth["lamella"].values)["mean"])'
     ),
+    new_markdown_cell(
+        "## Tune the lamella mask with sliders\n"
+        "`tune_lamella` smooths and thresholds the lamella probabilities on a crop (every z, "
+        "the central 128 × 128 in y, x) and shows xy and xz slices of the mask as you drag. "
+        "Too high a threshold cuts the sample's edges; too low lets ice in. `apply()` runs "
+        "the chosen values on the whole tomogram and returns them, ready for "
+        "`tl.lamella_mask(..., **params)` or `workflow.run_dataset(lamella_params=...)`."
+    ),
+    new_code_cell(
+        "from cryosiam_nb.pl.widgets import tune_lamella\n\n"
+        'lamella_tuner = tune_lamella(lam, tomogram=noisy, instances=truth["instances"])\n'
+        "lamella_tuner"
+    ),
+    new_code_cell(
+        "# Setting a slider from code does what dragging it does:\n"
+        'lamella_tuner.sliders["threshold"].value = 0.8\n'
+        "print(lamella_tuner.status.value)\n"
+        "lamella_params = lamella_tuner.apply()\n"
+        "lamella = lamella_tuner.result.compute()\n"
+        'print(lamella_params, "Dice:", metrics.dice(lamella.values, truth["lamella"].values)["mean"])'
+    ),
     new_code_cell(
         'seg = tl.predict(noisy, models.load("tiny-semantic"), roi=lamella).compute()\n'
         'labels = tl.postprocess_semantic(seg["labels"], min_size=20).compute()\n'
@@ -173,6 +231,12 @@ NB["03_semantic_segmentation_and_lamella"] = [
         'display(pl.slices(truth.assign(predicted=labels), variables=["noisy", "semantic", "predicted"]))\n'
         "# the tiny model finds membranes and particles; thin filaments need a bigger model\n"
         'assert dice["membrane"] > 0.2, dice'
+    ),
+    *own(
+        'own_lamella = tl.lamella_mask(tl.predict(mine, models.load("tiny-lamella")), **lamella_params)\n'
+        'own_seg = tl.predict(mine, models.load("tiny-semantic"), roi=own_lamella)\n'
+        'pl.slices(mine, overlays={"semantic": own_seg["labels"], "lamella": own_lamella},\n'
+        "          title=path.name)"
     ),
 ]
 
@@ -213,12 +277,36 @@ NB["04_instances_and_particles"] = [
         "multicut splits it — a model-free baseline."
     ),
     new_code_cell(
-        "if len(np.unique(labels.values)) - 1 < 5:\n"
+        "if len(np.unique(labels.values)) - 1 < 5:   # too few: pick by density instead\n"
         '    denoised = tl.predict(noisy, models.load("tiny-denoise"))["denoised"].compute()\n'
-        '    labels = tl.instances(tl.maps_from_density(denoised, roi=truth["lamella"]), min_size=10)\n'
+        '    maps = tl.maps_from_density(denoised, roi=truth["lamella"])\n'
+        "maps"
+    ),
+    new_markdown_cell(
+        "## Tune the post-processing with sliders\n"
+        "`tune_instances` reruns the watershed + multicut on a crop (at most 64 × 128 × 128 "
+        "voxels) whenever a slider is released and shows the particle count and a slice of "
+        "the labels. Foreground threshold: what counts as particle; seed distances (voxels): "
+        "how far inside a particle its seed must be — larger splits fewer touching "
+        "particles; boundary bias β: larger splits more; minimum size drops specks. "
+        "`apply()` runs the whole tomogram and returns the parameters for `tl.instances` or "
+        "`workflow.run_dataset(instance_params=...)`."
+    ),
+    new_code_cell(
+        "from cryosiam_nb.pl.widgets import tune_instances\n\n"
+        'tuner = tune_instances(maps, tomogram=noisy, roi=truth["lamella"], min_size=10)\n'
+        "tuner"
+    ),
+    new_code_cell(
+        "# Setting a slider from code does what dragging it does:\n"
+        'tuner.sliders["min_size"].value = 20\n'
+        'print(tuner.n_particles, "particles in the crop")\n'
+        "instance_params = tuner.apply()\n"
+        "labels = tuner.result\n"
         'table = tl.particles(labels, tomogram=noisy, name="sim")\n'
         'pick = metrics.picking_scores(table[["z", "y", "x"]].to_numpy(),\n'
         '                              simulation.particles[["z", "y", "x"]].to_numpy(), radius=4)\n'
+        "print(instance_params)\n"
         'print(len(table), "particles; picking F1 vs ground truth:", round(pick["f1"], 3))\n'
         "assert len(table) > 0\n"
         "table.head()"
@@ -234,6 +322,13 @@ NB["04_instances_and_particles"] = [
         "from cryosiam_nb import export\n"
         'export.write(table, out / "particles.star", format="relion4", voxel_size=10.0)\n'
         'export.read_star(out / "particles.star").head()'
+    ),
+    *own(
+        'own_maps = tl.predict(mine, models.load("tiny-instance"))\n'
+        "own_labels = tl.instances(own_maps, **instance_params)\n"
+        "own_table = tl.particles(own_labels, tomogram=mine, name=path.stem)\n"
+        'print(len(own_table), "particles in", path.name)\n'
+        'pl.slices(mine, overlays={"instances": own_labels}, title=path.name)'
     ),
 ]
 
@@ -272,10 +367,20 @@ NB["05_embeddings_and_cluster_curation"] = [
         "## The explorer\nBox- or lasso-select points on the UMAP to see a gallery of those "
         "particles and where they are in the tomogram; name, merge, split or exclude "
         "clusters; export the selection to STAR / CSV / copick. In JupyterLab the app shows "
-        "inline below; `cryosiam-nb explore particles.zarr` serves the same app."
+        "inline below (Panel's Jupyter support, the `[jupyter]` extra); "
+        "`cryosiam-nb explore particles.zarr` serves the same app in a browser tab."
     ),
     new_code_cell(
-        'app = pl.explorer(parts, tomograms={"sim": noisy})\napp.panel() if not FAST else None'
+        "import panel as pn\n\n"
+        "pn.extension(inline=True)  # BokehJS/Panel from the package, not a CDN: works offline\n"
+        'app = pl.explorer(parts, tomograms={"sim": noisy})\n'
+        "app"
+    ),
+    new_code_cell(
+        "# Every button has a Python method; a selection made here shows in the app's gallery.\n"
+        "app.select_clusters([app.clusters()[0]])\n"
+        'print(len(app.selected_ids), "particles selected:", app.selected_ids[:4], "...")\n'
+        "assert len(app.selected_ids) > 0"
     ),
     new_code_cell(
         "# The same curation from Python, e.g. in a script:\n"
@@ -288,6 +393,14 @@ NB["05_embeddings_and_cluster_curation"] = [
         'parts.save(out / "particles.zarr")\n'
         'cs.Particles.load(out / "particles.zarr")'
     ),
+    *own(
+        "# the whole per-tomogram pipeline in one call (notebook 8 runs it over a dataset)\n"
+        "from cryosiam_nb import workflow\n\n"
+        'workflow.process_tomogram(path, out / "mine", voxel_size=MY_VOXEL_SIZE, overwrite=True)\n'
+        'own_parts = workflow.combine(out / "mine")\n'
+        'pl.explorer(own_parts, tomograms=workflow.tomograms(out / "mine"))',
+        read=False,
+    ),
 ]
 
 NB["06_train_on_your_data"] = [
@@ -297,7 +410,9 @@ NB["06_train_on_your_data"] = [
         "then fine-tune task heads — all on a CPU with the `tiny` preset. On a GPU, use "
         '`preset="paper"` and the thesis budgets (SPEC §2).'
     ),
-    params("MY_VOXEL_SIZE = 10.0   # Å/voxel of your tomograms\nMY_DEFOCUS_UM = 3.0\n"),
+    params(
+        MY_TOMOGRAM + "MY_VOXEL_SIZE = 10.0   # Å/voxel of your tomograms\nMY_DEFOCUS_UM = 3.0\n"
+    ),
     new_code_cell(SETUP),
     new_code_cell(
         "from cryosiam_nb.training import finetune, pretrain_dense\n"
@@ -315,10 +430,15 @@ NB["06_train_on_your_data"] = [
         "pl.loss_curves(hist)"
     ),
     new_code_cell(
-        'path = models.save(seg_model, out / "my-semantic.pt")\n'
-        "again = models.load(path)\n"
+        'ckpt = models.save(seg_model, out / "my-semantic.pt")\n'
+        "again = models.load(ckpt)\n"
         "print(again.task, again.voxel_size, again.patch_size)\n"
         'assert again.task == "semantic"'
+    ),
+    *own(
+        "pred = tl.predict(mine, again)\n"
+        'pl.slices(mine, overlays={"semantic": pred["labels"]}, title=f"{path.name}: your model")',
+        simulated="sims[0]",
     ),
 ]
 
@@ -332,7 +452,7 @@ NB["07_published_cryosiam_checkpoints"] = [
         "Without checkpoints the notebook still shows the API on a checkpoint with the "
         "published layout and **random** weights (its predictions are meaningless)."
     ),
-    params('CKPT_DIR = "~/cryosiam_checkpoints"\n'),
+    params(MY_TOMOGRAM + MY_VOXEL_SIZE + 'CKPT_DIR = "~/cryosiam_checkpoints"\n'),
     new_code_cell(SETUP),
     new_code_cell(
         'ckpts = sorted(Path(CKPT_DIR).expanduser().glob("*.ckpt"))\n'
@@ -347,10 +467,141 @@ NB["07_published_cryosiam_checkpoints"] = [
     new_code_cell(
         "model = models.load(ckpts[0])\n"
         "print(model.task, model.patch_size, model.class_names)\n"
-        'simulation = sim.simulate(SHAPE, voxel_size=10.0, seed=SEED, mode="fast")\n'
-        'pred = tl.predict(simulation.volumes["noisy"], model, patch_size=(32, 32, 32) if FAST else None)\n'
-        "pred"
+        'simulation = sim.simulate(SHAPE, voxel_size=10.0, seed=SEED, mode="fast")'
     ),
+    *own("pred = tl.predict(mine, model, patch_size=(32, 32, 32) if FAST else None)\npred"),
+]
+
+
+NB["08_a_whole_dataset"] = [
+    new_markdown_cell(
+        "# 8 · A whole dataset\n\n`workflow.run_dataset` runs the dense pipeline of "
+        "notebooks 2–5 (normalise → denoise → lamella → semantic → instances → particle "
+        "table → subtomograms → embedding) on every tomogram of a folder, one dask task per "
+        "tomogram on a `dask.distributed` cluster, then clusters all particles together.\n\n"
+        "- Each tomogram's outputs land in `<out>/<tomogram>/` only once complete (written "
+        "to a temporary folder, then renamed) with a completion marker `_complete.json`.\n"
+        "- **Resumable**: a rerun skips finished tomograms, so after a crash, a kill or a "
+        "new tomogram only what is missing is computed.\n"
+        "- The result is one `Particles` object for the whole dataset, ready for the "
+        "explorer and export."
+    ),
+    params(
+        "N_TOMOGRAMS = 4\n"
+        "MY_TOMOGRAMS = None  # a folder of .mrc/.rec/.zarr, a copick project or a Data Portal "
+        "download\n"
+        "N_WORKERS = 2       # dask workers (processes); each loads the models once\n"
+        + MY_VOXEL_SIZE
+    ),
+    new_code_cell(SETUP),
+    new_markdown_cell(
+        "## A small simulated dataset\nA few tomograms written as MRC files with their "
+        "ground-truth particle tables, as a microscope session would give you a folder of "
+        "reconstructions."
+    ),
+    new_code_cell(
+        'folder = out / "tomograms"\n'
+        "folder.mkdir(exist_ok=True)\n"
+        "SIM_SHAPE = (32, 64, 64) if FAST else (64, 128, 128)\n"
+        "truth = {}\n"
+        "for i in range(N_TOMOGRAMS):\n"
+        '    s = sim.simulate(SIM_SHAPE, voxel_size=10.0, seed=SEED + i, mode="fast" if FAST else "tilt",\n'
+        "                     progress=False)\n"
+        '    io.write(s.raw_noisy, folder / f"tomo{i}.mrc", overwrite=True)\n'
+        '    truth[f"tomo{i}"] = s.particles\n'
+        "sorted(p.name for p in folder.iterdir())"
+    ),
+    new_markdown_cell(
+        "## Choose the settings on one tomogram\n"
+        "Tune the lamella threshold with the slider on the first tomogram (notebook 3 "
+        "explains the tuner); the chosen values go to every tomogram. The fast simulations "
+        "have a weak lamella signal, so a lower threshold is needed there."
+    ),
+    new_code_cell(
+        "from cryosiam_nb.pl.widgets import tune_lamella\n\n"
+        'first = pp.normalize(io.read(folder / "tomo0.mrc"), invert=True).persist()\n'
+        'lamella_tuner = tune_lamella(tl.predict(first, models.load("tiny-lamella")), tomogram=first)\n'
+        "lamella_tuner"
+    ),
+    new_code_cell(
+        "# Setting a slider from code does what dragging it does:\n"
+        'lamella_tuner.sliders["threshold"].value = 0.5 if FAST else 0.9\n'
+        "print(lamella_tuner.status.value)\n"
+        "lamella_params = lamella_tuner.params\n"
+        "lamella_params"
+    ),
+    new_markdown_cell(
+        "## Run the dataset on a local dask cluster\n"
+        "`LocalCluster` starts worker processes on this machine; on an HPC system use a "
+        "`dask_jobqueue` cluster (SLURM, PBS) or any `Client` instead — the call is the "
+        "same. The progress bar counts finished tomograms."
+    ),
+    new_code_cell(
+        "from distributed import Client, LocalCluster\n\n"
+        "from cryosiam_nb import workflow\n\n"
+        "cluster = LocalCluster(n_workers=N_WORKERS, threads_per_worker=1, dashboard_address=None)\n"
+        "client = Client(cluster)\n"
+        "client"
+    ),
+    new_code_cell(
+        "# Your own dataset: set MY_TOMOGRAMS in the parameters cell (a folder of tomograms, a\n"
+        "# copick project or a CryoET Data Portal download); MY_VOXEL_SIZE if the headers are wrong.\n"
+        "inputs = Path(MY_TOMOGRAMS) if MY_TOMOGRAMS else folder\n"
+        "print(workflow.list_inputs(inputs))\n"
+        "settings = dict(lamella_params=lamella_params, rotations=1 if FAST else 12, voxel_size=MY_VOXEL_SIZE)\n"
+        'parts = workflow.run_dataset(inputs, out / "dataset", client=client, seed=SEED, **settings)\n'
+        "parts"
+    ),
+    new_code_cell(
+        "# Run it again: every tomogram is finished, nothing is recomputed.\n"
+        'again = workflow.run_dataset(inputs, out / "dataset", client=client, seed=SEED, **settings)\n'
+        'print("computed:", again.uns["workflow"]["computed"], " skipped:", again.uns["workflow"]["skipped"])\n'
+        'assert again.uns["workflow"]["computed"] == []\n'
+        'pd.DataFrame([workflow.finished(out / "dataset" / n) for n in workflow.list_inputs(inputs)])'
+        '[["name", "n_particles", "picker", "seconds"]]'
+    ),
+    new_markdown_cell(
+        "## All particles together\nOne k-means over every tomogram's embeddings: the same "
+        "kind of particle gets the same cluster wherever it was picked."
+    ),
+    new_code_cell('pl.umap(parts, color="cluster")'),
+    new_code_cell('pl.umap(parts, color="tomogram")'),
+    new_code_cell(
+        "# Simulated data only: match each pick to the nearest true particle (≤ 4 voxels)\n"
+        "from scipy.spatial import cKDTree\n\n"
+        'species = pd.Series("unmatched", index=parts.obs.index)\n'
+        'for name, rows in parts.obs.groupby("tomogram"):\n'
+        "    if name in truth:\n"
+        '        d, j = cKDTree(truth[name][["z", "y", "x"]]).query(rows[["z", "y", "x"]])\n'
+        '        species[rows.index] = np.where(d <= 4, truth[name]["species"].to_numpy()[j], "unmatched")\n'
+        'parts.obs["species"] = species\n'
+        'pd.crosstab(parts.obs["species"], parts.obs["cluster"])'
+    ),
+    new_markdown_cell(
+        "## Curate the whole dataset\nThe explorer shows every tomogram; the slice viewer "
+        "switches to the tomogram of the particle you click (the denoised volumes written "
+        "by the run)."
+    ),
+    new_code_cell(
+        "import panel as pn\n\n"
+        "pn.extension(inline=True)  # BokehJS/Panel from the package, not a CDN: works offline\n"
+        'app = pl.explorer(parts, tomograms=workflow.tomograms(out / "dataset"))\n'
+        "app"
+    ),
+    new_code_cell(
+        "# The same curation from Python: merge the two smallest clusters, exclude the\n"
+        "# unmatched picks, export the rest for subtomogram averaging.\n"
+        "from cryosiam_nb import export\n\n"
+        'smallest = parts.obs["cluster"].value_counts().index[-2:].tolist()\n'
+        "app.merge(smallest)\n"
+        'app.select_ids(parts.obs.index[parts.obs["species"] == "unmatched"])\n'
+        'print("excluded", app.exclude_selection(), "unmatched picks")\n'
+        'star = export.write(parts.subset(~parts.obs["excluded"].to_numpy()), out / "dataset.star")\n'
+        'parts.save(out / "dataset" / "curated.zarr")\n'
+        'print(len(export.read_star(star)), "particles in", star.name)\n'
+        "assert len(export.read_star(star)) == int((~parts.obs['excluded']).sum())"
+    ),
+    new_code_cell("client.close()\ncluster.close()"),
 ]
 
 

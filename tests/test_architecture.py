@@ -29,6 +29,7 @@ LAYERS: tuple[str, ...] = (
     "training",
     "tl",
     "demo",
+    "workflow",
     "cli",
     "_nbrun",
 )

@@ -16,6 +16,7 @@ SUBCOMMANDS = [
     "embed",
     "cluster",
     "explore",
+    "models",
     "demo",
 ]
 

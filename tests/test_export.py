@@ -40,7 +40,9 @@ def test_relion4_star_roundtrip_xyz_order(tmp_path, table):
         < text.index("_rlnCoordinateY")
         < text.index("_rlnCoordinateZ")
     )
-    assert "_rlnImagePixelSize" in text and "_rlnMicrographName" in text
+    # RELION 4 wants the tilt-series pixel size; binning 1 when not given
+    assert "_rlnTomoTiltSeriesPixelSize" in text and "_rlnTomoTomogramBinning" in text
+    assert "_rlnMicrographName" not in text  # Warp's .tomostar names: format "warp"
 
 
 def test_relion5_star_centred_angstrom(tmp_path, table):
@@ -84,7 +86,7 @@ def test_copick_json_per_run(tmp_path, table):
 def test_copick_one_object_per_cluster(tmp_path, table):
     paths = export.write_copick(table, tmp_path / "o", voxel_size=5.0, object_name="cluster")
     names = sorted(p.name for p in paths)
-    assert "cryosiam_nb_0_cluster-a.json" in names
+    assert "cryosiam-nb_0_cluster-a.json" in names
     total = sum(len(json.loads(p.read_text())["points"]) for p in paths)
     assert total == len(table)
 
@@ -143,12 +145,17 @@ def test_write_copick_gives_the_writers_files(tmp_path, table):
         table, tmp_path / "got", format="copick", voxel_size=6.8, object_name="cluster"
     )
     assert root == tmp_path / "got"
-    got = sorted(root.rglob("*.json"))
+    got = sorted((root / "ExperimentRuns").rglob("*.json"))
     assert [p.relative_to(root) for p in got] == sorted(
         p.relative_to(tmp_path / "want") for p in want
     )
     for g in got:
         assert g.read_text() == (tmp_path / "want" / g.relative_to(root)).read_text()
+    # The configs differ only in overlay_root (each names its own folder).
+    cfg = {r: json.loads((r / "copick_config.json").read_text()) for r in (root, tmp_path / "want")}
+    assert cfg[root].pop("overlay_root") == f"local://{root.resolve()}"
+    cfg[tmp_path / "want"].pop("overlay_root")
+    assert cfg[root] == cfg[tmp_path / "want"]
 
 
 def test_write_particles_object_and_voxel_size_column(tmp_path, table):
@@ -176,7 +183,8 @@ def test_write_particles_object_and_voxel_size_column(tmp_path, table):
 
 def test_write_format_errors(tmp_path, table):
     assert export.format_of("a.star") == "relion4" and export.format_of("a.CSV") == "csv"
-    assert export.format_of("x", "Warp") == "relion4"
+    assert export.format_of("x", "Warp") == "warp"
+    assert export.format_of("x", "relion3") == "relion4"
     with pytest.raises(InputError, match="suffix"):
         export.write(table, tmp_path / "a.txt", voxel_size=5.0)
     with pytest.raises(InputError, match="unknown"):

@@ -17,6 +17,7 @@ from scipy import ndimage
 from torch import nn
 
 from cryosiam_nb import io, models
+from cryosiam_nb.constants import DIMS
 from cryosiam_nb.inference import (
     lamella_mask,
     postprocess_semantic,
@@ -346,7 +347,7 @@ def test_lamella_mask_smooth_threshold_largest_hull():
         {"class": ["outside", "lamella"]}
     )
     sigma = (2.0, 1.0, 1.0)
-    out = lamella_mask(two_class, sigma=sigma, threshold=0.9, progress=False)
+    out = lamella_mask(two_class, sigma=sigma, threshold=0.9, factor=1, progress=False)
     assert out.dtype == np.uint8 and out.dims == ("z", "y", "x")
     res = out.values
     # reference: the same steps monolithically
@@ -361,8 +362,25 @@ def test_lamella_mask_smooth_threshold_largest_hull():
     assert res[3, 4, 4] == 0  # speck dropped (not the largest component)
     assert res[20, 24, 38] == 1  # the notch is filled by the hull
     assert res[20, 24, 24] == 1 and res[20, 24, 2] == 0
-    same = lamella_mask(arr, sigma=sigma, progress=False).values  # a bare probability works too
+    same = lamella_mask(arr, sigma=sigma, factor=1, progress=False).values  # a bare probability
     np.testing.assert_array_equal(same, res)
+
+
+def test_coarse_lamella_mask_agrees_with_full_resolution():
+    """The default works on a 2× coarser grid: the slab is the same up to its border."""
+    shape = (64, 96, 96)
+    zz, yy, xx = np.mgrid[: shape[0], : shape[1], : shape[2]]
+    slab = (np.abs(zz - 31 - 0.1 * (yy - 48)) < 20).astype(np.float32)
+    noise = np.random.default_rng(0).normal(0, 0.05, shape).astype(np.float32)
+    prob = xr.DataArray(da.from_array(np.clip(slab + noise, 0, 1), chunks=32), dims=DIMS)
+    full = lamella_mask(prob, factor=1, progress=False).values
+    coarse = lamella_mask(prob, progress=False)
+    assert coarse.shape == shape and coarse.chunks == prob.chunks
+    assert full.sum() > 0.1 * full.size
+    agree = float((coarse.values == full).mean())
+    assert agree > 0.97, agree
+    inter = (coarse.values & full).sum()
+    assert 2 * inter / (coarse.values.sum() + full.sum()) > 0.95  # border ±1 voxel
 
 
 def test_with_the_tiny_cryosiam_model():

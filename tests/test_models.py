@@ -137,7 +137,15 @@ def test_overrides_and_errors():
         models.build("denoise", "huge")
     with pytest.raises(ValueError, match="3 names but n_classes=2"):
         models.build("semantic", "tiny", class_names=("a", "b", "c"), n_classes=2)
-    assert set(TASKS) == {"dense_ssl", "denoise", "semantic", "lamella", "instance", "subtomo_ssl"}
+    assert set(TASKS) == {
+        "dense_ssl",
+        "denoise",
+        "semantic",
+        "lamella",
+        "instance",
+        "multitask",
+        "subtomo_ssl",
+    }
     assert set(models.PRESETS) == {"tiny", "paper"}
 
 

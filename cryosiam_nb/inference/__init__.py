@@ -13,7 +13,13 @@ Modules:
 """
 
 from cryosiam_nb.inference.lamella import lamella_mask
-from cryosiam_nb.inference.prediction import predict, write_predictions
+from cryosiam_nb.inference.prediction import outputs_of, predict, write_predictions
 from cryosiam_nb.inference.semantic import postprocess_semantic
 
-__all__ = ["predict", "write_predictions", "postprocess_semantic", "lamella_mask"]
+__all__ = [
+    "predict",
+    "write_predictions",
+    "outputs_of",
+    "postprocess_semantic",
+    "lamella_mask",
+]

@@ -10,8 +10,18 @@ __all__ = ["compute"]
 
 
 def _active_client() -> Any | None:
-    from distributed import get_client  # a dependency; imported when first needed
+    """The Client to compute on: none when a local scheduler was chosen explicitly
+    (``dask.config.set(scheduler=...)``) or when already inside a task on a worker (the
+    inner compute runs there; sending it back to the cluster can deadlock a worker)."""
+    if dask.config.get("scheduler", None) not in (None, "dask.distributed", "distributed"):
+        return None
+    from distributed import get_client, get_worker  # a dependency; imported when needed
 
+    try:
+        get_worker()
+        return None
+    except ValueError:
+        pass
     try:
         return get_client()
     except ValueError:
@@ -28,9 +38,10 @@ def compute(*objs: Any, progress: bool = True) -> tuple:
 
             dprogress(futures)
         return tuple(client.gather(futures))
-    if progress:
-        from dask.diagnostics import ProgressBar
+    if progress:  # one bar (a widget in Jupyter) instead of dask's text ProgressBar
+        from tqdm.auto import tqdm
+        from tqdm.dask import TqdmCallback
 
-        with ProgressBar():
+        with TqdmCallback(tqdm_class=tqdm, desc="compute"):
             return dask.compute(*objs)
     return dask.compute(*objs)

@@ -40,6 +40,28 @@ FIXED_HEADS = {
     "instance": ("foreground", "boundary", "distance"),
 }
 
+Heads = tuple[tuple[str, int], ...]
+
+
+def parts_of(task: str, heads: Heads) -> list[tuple[str, Heads]]:
+    """``[(head task, its heads with plain names)]``: one part for a single-task model,
+    one per ``"<task>/<output>"`` prefix (in order) for a multi-task model."""
+    if task != "multitask":
+        return [(task, heads)]
+    out: dict[str, list[tuple[str, int]]] = {}
+    for name, ch in heads:
+        part, key = name.split("/", 1)
+        out.setdefault(part, []).append((key, ch))
+    return [(p, tuple(h)) for p, h in out.items()]
+
+
+def n_activated(task: str, heads: Heads) -> int:
+    """Channels after activation: semantic / lamella add an argmax channel."""
+    n = 0
+    for part, hs in parts_of(task, heads):
+        n += 2 * hs[0][1] + 1 if part in ("semantic", "lamella") else sum(c for _, c in hs)
+    return n
+
 
 # ============================================================================ window planning
 def scan_interval(size: int, patch: int, overlap: float) -> int:
@@ -251,7 +273,14 @@ def take(acc: np.ndarray | None, sl: tuple[slice, ...]) -> np.ndarray | None:
     return np.array(acc[(slice(None), *sl)], copy=True)
 
 
-def _activate(task: str, raw: np.ndarray, heads: tuple[tuple[str, int], ...]) -> np.ndarray:
+def _activate(task: str, raw: np.ndarray, heads: Heads) -> np.ndarray:
+    if task == "multitask":
+        outs, c0 = [], 0
+        for part, hs in parts_of(task, heads):
+            c1 = c0 + sum(c for _, c in hs)
+            outs.append(_activate(part, raw[c0:c1], hs))
+            c0 = c1
+        return np.concatenate(outs, axis=0)
     t = torch.from_numpy(raw)
     if task in ("semantic", "lamella"):
         n = heads[0][1]

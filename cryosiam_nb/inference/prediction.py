@@ -46,15 +46,18 @@ from cryosiam_nb.inference._windows import (
     FIXED_HEADS,
     Runner,
     default_chunk,
+    n_activated,
+    parts_of,
     plan_axis,
     stage1,
     stage2,
     take,
 )
 from cryosiam_nb.inference.grid import grid_coords, grid_voxel_size
+from cryosiam_nb.inference.outputs import outputs_of
 from cryosiam_nb.io import InputError, as_volume, atomic_path
 
-__all__ = ["predict", "write_predictions"]
+__all__ = ["predict", "write_predictions", "outputs_of"]
 
 
 def _as_dask(arr: np.ndarray | da.Array, chunks: tuple[int, int, int]) -> da.Array:
@@ -82,7 +85,13 @@ def _model_heads(model: torch.nn.Module, task: str, patch: tuple[int, int, int])
         model.train(was_training)
     if not isinstance(out, Mapping):
         raise InputError(f"model: forward must return a dict of head outputs, got {type(out)}")
-    wanted = ("embedding",) if task == "dense_ssl" else FIXED_HEADS[task]
+    if task == "dense_ssl":
+        wanted: tuple[str, ...] = ("embedding",)
+    elif task == "multitask":  # each part's outputs in the order its activation expects
+        parts = dict.fromkeys(k.split("/", 1)[0] for k in out if "/" in k)
+        wanted = tuple(f"{p}/{k}" for p in parts if p in FIXED_HEADS for k in FIXED_HEADS[p])
+    else:
+        wanted = FIXED_HEADS[task]
     heads = []
     for name in wanted:
         if name not in out:
@@ -197,7 +206,9 @@ def predict(
         ``attrs["voxel_size"]`` (Å) is carried to the outputs (1 Å for a bare array).
     model
         A CryoSiam model (``task`` ∈ :data:`cryosiam_nb.constants.DENSE_TASKS`;
-        ``patch_size``; ``class_names``); ``model(x)`` returns un-activated heads.
+        ``patch_size``; ``class_names``); ``model(x)`` returns un-activated heads. A list
+        of head models whose backbones hold identical weights runs as one multi-task
+        model (:func:`cryosiam_nb.models.combine`): one backbone pass for all their heads.
     patch_size
         Sliding-window patch (z, y, x) in voxels; default the model's ``patch_size``.
     overlap
@@ -231,10 +242,20 @@ def predict(
         lamella: ``probabilities`` float16 (class, z, y, x; softmax), ``labels`` uint8
         (argmax), ``distance`` float16 (class, z, y, x; tanh); instance: ``foreground``,
         ``boundary`` (sigmoid) and ``distance`` float32; dense_ssl: ``embedding`` float16
-        (feature, z, y, x). All heads come from one model pass per window. Dask computes
+        (feature, z, y, x); multitask (or a list of models sharing one backbone): every
+        part's variables prefixed with its task — ``denoised``, ``lamella_probabilities``
+        (lamella_class, z, y, x), ``lamella_labels``, ``lamella_distance``,
+        ``semantic_probabilities`` (semantic_class, z, y, x), ``semantic_labels``,
+        ``semantic_distance``, ``instance_foreground``, ``instance_boundary``,
+        ``instance_distance``; :func:`outputs_of` gives one part under the single-task
+        names. All heads come from one model pass per window. Dask computes
         when the result is computed: :func:`write_predictions` (streams to zarr),
         ``ds.compute()`` for small volumes.
     """
+    if isinstance(model, (list, tuple)):
+        from cryosiam_nb.models import combine
+
+        model = combine(model)
     task = getattr(model, "task", None)
     if task not in DENSE_TASKS:
         raise InputError(f"model: task must be one of {DENSE_TASKS}, got {task!r}")
@@ -278,7 +299,7 @@ def predict(
         model, task, heads, patch, overlap, int(batch_size), float(sigma_scale), dev_arg, amp
     )
     n_raw = runner.n_channels
-    n_out = 2 * heads[0][1] + 1 if task in ("semantic", "lamella") else n_raw
+    n_out = n_raw if task == "dense_ssl" else n_activated(task, heads)
     stacked = _graph(image, roi_d, plans, runner, n_out)
 
     coords: dict[str, Any] = grid_coords(data, shape, vs)
@@ -295,24 +316,35 @@ def predict(
     )
     va = {"voxel_size": vs}
     variables: dict[str, Any] = {}
-    if task == "denoise":
-        variables["denoised"] = (DIMS, stacked[0], dict(va))
-    elif task in ("semantic", "lamella"):
-        n = heads[0][1]
-        names = getattr(model, "class_names", None)
-        names = list(names) if names is not None and len(names) == n else None
-        # object strings: stored as zarr v3 variable-length strings
-        coords["class"] = np.array(names or [f"class_{c}" for c in range(n)], dtype=object)
-        variables["probabilities"] = (("class", *DIMS), stacked[:n].astype(np.float16), dict(va))
-        variables["labels"] = (DIMS, stacked[n].astype(np.uint8), dict(va))
-        variables["distance"] = (("class", *DIMS), stacked[n + 1 :].astype(np.float16), dict(va))
-    elif task == "instance":
-        variables["foreground"] = (DIMS, stacked[0], dict(va))
-        variables["boundary"] = (DIMS, stacked[1], dict(va))
-        variables["distance"] = (DIMS, stacked[2], dict(va))
-    else:
+    if task == "dense_ssl":
         coords["feature"] = np.arange(n_raw)
         variables["embedding"] = (("feature", *DIMS), stacked.astype(np.float16), dict(va))
+        return xr.Dataset(variables, coords=coords, attrs=attrs)
+    multi = task == "multitask"
+    c = 0
+    for part, hs in parts_of(task, heads):
+        pre = f"{part}_" if multi else ""
+        if part == "denoise":
+            variables["denoised"] = (DIMS, stacked[c], dict(va))
+            c += 1
+        elif part in ("semantic", "lamella"):
+            n = hs[0][1]
+            cdim = f"{part}_class" if multi else "class"
+            names = getattr(model, "part_classes", {}).get(part) if multi else None
+            names = names or getattr(model, "class_names", None)
+            names = list(names) if names is not None and len(names) == n else None
+            # object strings: stored as zarr v3 variable-length strings
+            coords[cdim] = np.array(names or [f"class_{i}" for i in range(n)], dtype=object)
+            prob = stacked[c : c + n].astype(np.float16)
+            variables[f"{pre}probabilities"] = ((cdim, *DIMS), prob, dict(va))
+            variables[f"{pre}labels"] = (DIMS, stacked[c + n].astype(np.uint8), dict(va))
+            dist = stacked[c + n + 1 : c + 2 * n + 1].astype(np.float16)
+            variables[f"{pre}distance"] = ((cdim, *DIMS), dist, dict(va))
+            c += 2 * n + 1
+        elif part == "instance":
+            for i, key in enumerate(("foreground", "boundary", "distance")):
+                variables[f"{pre}{key}"] = (DIMS, stacked[c + i], dict(va))
+            c += 3
     return xr.Dataset(variables, coords=coords, attrs=attrs)
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import xarray as xr
 
 from cryosiam_nb.inference.grid import grid_voxel_size, on_grid
+from cryosiam_nb.inference.outputs import outputs_of
 from cryosiam_nb.inference.stitching import block_components, filter_components
 from cryosiam_nb.io import InputError, as_volume
 
@@ -48,6 +49,7 @@ def postprocess_semantic(
     """
     names: list[str] | None = None
     if isinstance(ds_or_labels, xr.Dataset):
+        ds_or_labels = outputs_of(ds_or_labels, "semantic")
         if "labels" not in ds_or_labels:
             raise InputError("ds_or_labels: the Dataset has no 'labels' variable")
         labels = ds_or_labels["labels"]

@@ -1,5 +1,11 @@
 """Reading and writing tomograms: MRC (memory-mapped) and zarr / OME-Zarr, out of core.
 
+Every ``.zarr`` volume :func:`write` produces is an OME-Zarr image with a 2× pyramid (0.4 on
+zarr v2 by default, readable by ome-zarr-py, napari and copick; 0.5 on zarr v3 with
+``zarr_format=3``). :func:`read` opens MRC, any OME-Zarr 0.1–0.5 image (choose a pyramid
+``level``), plain zarr arrays and one-volume xarray stores; :func:`list_tomograms` lists the
+tomograms of a copick project or a CryoET Data Portal download.
+
 A tomogram is an :class:`xarray.DataArray` with dims ``("z", "y", "x")``, coordinates in
 Å (``index * voxel_size``), ``attrs["voxel_size"]`` in Å, backed by a dask array so that
 nothing is read until it is needed.
@@ -20,8 +26,17 @@ import xarray as xr
 from cryosiam_nb.constants import DIMS
 
 from ._atomic import atomic_path
+from ._datasets import list_tomograms
 from ._errors import InputError, VoxelSizeWarning
 from ._mrc import MRC_SUFFIXES, MrcVolume, is_mrc_file, open_mrc, write_mrc
+from ._zarr import (
+    OME_VERSION,
+    UNIT_TO_ANGSTROM,
+    downsample_method,
+    open_zarr,
+    pyramid_shapes,
+    write_ome_zarr,
+)
 
 __all__ = [
     "InputError",
@@ -33,7 +48,12 @@ __all__ = [
     "as_volume",
     "voxel_size_of",
     "write_json",
+    "list_tomograms",
+    "pyramid_shapes",
     "MrcVolume",
+    "MRC_SUFFIXES",
+    "OME_VERSION",
+    "UNIT_TO_ANGSTROM",
 ]
 
 DEFAULT_CHUNKS = (64, 256, 256)
@@ -149,6 +169,7 @@ def read(
     name: str | None = None,
     check_values: bool = True,
     dtype: Any = np.float32,
+    level: int = 0,
 ) -> xr.DataArray:
     """Open a tomogram lazily as a dask-backed ``DataArray`` with dims (z, y, x).
 
@@ -157,12 +178,19 @@ def read(
     path
         An ``.mrc`` / ``.rec`` / ``.map`` file (memory-mapped, never loaded whole; a
         gzip/bzip2-compressed MRC, detected by its magic bytes, is decompressed into
-        memory) or a ``.zarr`` store (plain array, or OME-Zarr multiscale: level 0 is
-        read). MRC axes are put in (z, y, x) order whatever the header's mapc/mapr/maps.
+        memory) or a ``.zarr`` store: an OME-Zarr image (NGFF 0.1–0.5, zarr v2 or v3,
+        e.g. a copick tomogram ``ExperimentRuns/<run>/VoxelSpacing<Å>/<type>.zarr`` or a
+        CryoET Data Portal one; see :func:`list_tomograms`), one level of it
+        (``image.zarr/0``), a plain zarr array, or a store holding one 3-D array (an
+        xarray Dataset store of one variable; for several use ``store.zarr/<name>``).
+        MRC axes are put in (z, y, x) order whatever the header's mapc/mapr/maps; OME-Zarr
+        axes by their names (singleton t / c axes are dropped).
     voxel_size
-        Voxel size in Å. Overrides the header. A header voxel size of 0 or 1 Å is almost
-        always "unset": a :class:`VoxelSizeWarning` asks for an explicit value. An
-        anisotropic header voxel size is refused unless this is given.
+        Voxel size in Å. Overrides the header / OME-Zarr scale. A voxel size of 0 or 1 Å
+        (or none at all, e.g. OME-Zarr 0.3 which has no scale) is almost always "unset": a
+        :class:`VoxelSizeWarning` asks for an explicit value. OME-Zarr units (Å, nm, µm,
+        ...; see :data:`UNIT_TO_ANGSTROM`) are converted to Å. An anisotropic voxel size is
+        refused unless this is given.
     chunks
         Dask chunks in voxels (z, y, x); ``"auto"`` uses up to 64×256×256.
     name
@@ -173,31 +201,40 @@ def read(
     dtype
         Element type of the returned array (default float32); ``None`` keeps the file's
         own type, e.g. for label volumes.
+    level
+        Pyramid level of an OME-Zarr image: 0 is full resolution, ``i`` is downsampled
+        ``2**i`` times (its voxel size is that level's scale), negative counts from the
+        smallest. Only 0 for MRC and plain arrays.
 
     Returns
     -------
     xarray.DataArray
         Dims ``("z", "y", "x")``, dask-backed (nothing is read until computed),
         coordinates ``index * voxel_size`` in Å, ``attrs["voxel_size"]`` (Å) and
-        ``attrs["source"]`` (the path).
+        ``attrs["source"]`` (the path); an OME-Zarr image also ``attrs["level"]``.
 
     Raises
     ------
     InputError
         Missing path, not an MRC, truncated, negative dimensions, volume stack, not 3-D,
-        complex mode, anisotropic voxel size, empty, all NaN/Inf.
+        complex mode, anisotropic voxel size, empty, all NaN/Inf, no such pyramid level,
+        unknown OME-Zarr unit, non-spatial OME-Zarr axes longer than 1.
     """
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file or directory")
     order: tuple[int, ...] = (0, 1, 2)
+    extra: dict[str, Any] = {}
+    what = "header"
     if p.is_dir() or p.suffix.lower() == ".zarr":
-        arr, header_vs = _open_zarr(p)
-        if isinstance(header_vs, tuple):
-            vs_zyx = header_vs
-        else:
-            vs_zyx = (header_vs,) * 3 if header_vs is not None else (0.0, 0.0, 0.0)
+        zv = open_zarr(p, level)
+        arr, order, what = zv.array, zv.order, zv.what
+        vs_zyx = zv.voxel_size_zyx if zv.voxel_size_zyx is not None else (0.0, 0.0, 0.0)
+        if zv.level is not None:
+            extra["level"] = zv.level
     else:
+        if level not in (0, -1):
+            raise InputError(f"{p}: an MRC file has no pyramid level {level}; use level=0")
         arr, order, vs_zyx = open_mrc(p)
     if arr.ndim != 3:
         raise InputError(
@@ -209,7 +246,7 @@ def read(
     if voxel_size is not None:
         vs = _check_voxel_size(float(voxel_size), f"{p}: voxel_size argument")
     else:
-        vs = _header_voxel_size(p, vs_zyx)
+        vs = _header_voxel_size(p, vs_zyx, what)
 
     token = f"read-{p.resolve()}-{p.stat().st_mtime_ns}" if p.is_file() else None
     zyx_chunks = _normalise_chunks(chunks, tuple(arr.shape[i] for i in order))
@@ -226,7 +263,7 @@ def read(
     if dtype is not None and d.dtype != np.dtype(dtype):
         d = d.astype(dtype)
     out = xr.DataArray(
-        d, dims=DIMS, name=name or p.stem, attrs={"voxel_size": vs, "source": str(p)}
+        d, dims=DIMS, name=name or p.stem, attrs={"voxel_size": vs, "source": str(p), **extra}
     )
     out = _with_coords(out, vs)
     if check_values:
@@ -234,59 +271,27 @@ def read(
     return out
 
 
-def _header_voxel_size(p: Path, vs_zyx: tuple[float, ...]) -> float:
-    """One isotropic voxel size (Å) from the header's (z, y, x) sizes; warn when unset."""
+def _header_voxel_size(p: Path, vs_zyx: tuple[float, ...], what: str = "header") -> float:
+    """One isotropic voxel size (Å) from the (z, y, x) sizes of the header (or the OME-Zarr
+    scale: ``what``); warn when unset."""
     vals = [float(v) for v in vs_zyx if np.isfinite(v) and v > 0]
     if vals and max(vals) > min(vals) * (1 + 1e-3):
         z, y, x = (float(v) for v in vs_zyx)
         raise InputError(
-            f"{p}: anisotropic voxel size in the header (z={z:g}, y={y:g}, x={x:g} Å); "
+            f"{p}: anisotropic voxel size in the {what} (z={z:g}, y={y:g}, x={x:g} Å); "
             "cryosiam_nb needs cubic voxels — pass voxel_size=<Å> to read() if the header is "
             "wrong, or resample the tomogram"
         )
     vs = float(vs_zyx[-1]) if vs_zyx[-1] > 0 else (vals[0] if vals else 0.0)
     if not np.isfinite(vs) or vs <= 0 or abs(vs - 1.0) < 1e-6:
         warnings.warn(
-            f"{p}: header voxel size is {vs:g} Å, which usually means 'unset'. "
+            f"{p}: voxel size in the {what} is {vs:g} Å, which usually means 'unset'. "
             "Pass voxel_size=<Å> to read(); using 1.0 Å for now.",
             VoxelSizeWarning,
             stacklevel=3,
         )
         vs = 1.0
     return vs
-
-
-def _open_zarr(p: Path) -> tuple[Any, float | tuple[float, ...] | None]:
-    import zarr
-
-    try:
-        node = zarr.open(str(p), mode="r")
-    except Exception as exc:
-        raise InputError(f"{p}: not a readable zarr store ({exc})") from exc
-    if isinstance(node, zarr.Array):
-        vs = node.attrs.get("voxel_size")
-        return node, float(vs) if vs is not None else None
-    attrs = dict(node.attrs)
-    ms = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
-    if ms:
-        ds0 = ms[0]["datasets"][0]
-        arr = node[ds0["path"]]
-        vs: tuple[float, ...] | None = None
-        for t in ds0.get("coordinateTransformations", []):
-            if t.get("type") == "scale":
-                unit = ms[0].get("axes", [{}])[-1].get("unit", "angstrom")
-                factor = 10.0 if unit == "nanometer" else 1.0
-                vs = tuple(float(s) * factor for s in t["scale"][-3:])
-        return arr, vs
-    arrays = [k for k, v in node.members() if isinstance(v, zarr.Array)]
-    if len(arrays) == 1:
-        arr = node[arrays[0]]
-        vs = arr.attrs.get("voxel_size", attrs.get("voxel_size"))
-        return arr, float(vs) if vs is not None else None
-    raise InputError(
-        f"{p}: zarr group holds {len(arrays)} arrays ({', '.join(arrays) or 'none'}) and no "
-        "OME-Zarr multiscales; open the array path directly, e.g. read('store.zarr/volume')"
-    )
 
 
 def _check_finite_sample(arr: Any, p: Path, max_voxels: int = 1_000_000) -> None:
@@ -315,12 +320,19 @@ def write(
     voxel_size: float | None = None,
     chunks: Any = None,
     progress: bool = False,
+    *,
+    zarr_format: int = 2,
+    levels: int | None = None,
+    downsample: str = "auto",
 ) -> Path:
     """Write a volume to ``.mrc`` or ``.zarr``, streaming chunk by chunk, atomically.
 
     The volume is never materialised whole: MRC output is preallocated on disk (a full
     disk is an ``OSError`` naming ``path``, not a crash) and written into a memory map
-    block by block; zarr output is written chunk by chunk by dask. The target appears
+    block by block; zarr output is written chunk by chunk by dask as an OME-Zarr image
+    (axes z, y, x in Å, a scale transform per level) with a pyramid of 2× downsampled
+    levels (level 1 in the same pass over ``data``, smaller ones from the level above on
+    disk, so ``data`` is computed once). The target appears
     only once complete (temporary sibling + rename); on any error nothing is left
     behind and an existing ``path`` is untouched.
 
@@ -337,12 +349,23 @@ def write(
         existing output of the same kind (an MRC file, a zarr store) is ever replaced,
         and never the file ``data`` was read from.
     voxel_size
-        Voxel size in Å written to the MRC header or the zarr attributes; defaults to
-        ``data.attrs["voxel_size"]``.
+        Voxel size in Å written to the MRC header or the OME-Zarr scale (level ``i``:
+        ``voxel_size * 2**i``); defaults to ``data.attrs["voxel_size"]``.
     chunks
-        Chunks (voxels, z y x) of a zarr output; default the input's chunks.
+        Chunks (voxels, z y x) of a zarr output; default the input's dask chunks, or up
+        to 64×256×256 for an in-memory array.
     progress
         Show a progress bar.
+    zarr_format
+        2 (default): OME-Zarr 0.4 on zarr v2, what copick (``zarr < 3``), the CryoET Data
+        Portal and most viewers read; 3: OME-Zarr 0.5 on zarr v3.
+    levels
+        Pyramid levels of a zarr output, level 0 included; ``None`` halves until the
+        smallest axis is below 64 voxels (at most 8 levels); 1 writes no pyramid.
+    downsample
+        How levels are made: ``"auto"`` averages 2×2×2 blocks of float volumes and takes
+        every second voxel of integer / boolean ones (labels keep their values);
+        ``"mean"`` or ``"stride"`` force one.
 
     Returns
     -------
@@ -368,14 +391,31 @@ def write(
     arr = as_dataarray(data)
     if arr.ndim != 3:
         raise InputError(f"{p}: can only write 3-D (z, y, x) volumes, got shape {arr.shape}")
+    if suffix == ".zarr":
+        if zarr_format not in OME_VERSION:
+            raise InputError(f"{p}: zarr_format must be 2 or 3, got {zarr_format!r}")
+        pyramid_shapes(tuple(arr.shape), levels)  # refuses levels < 1
+        downsample_method(arr.dtype, downsample)  # refuses unknown methods
     _check_replaceable(p, suffix, arr, overwrite)
     vs = float(voxel_size if voxel_size is not None else arr.attrs.get("voxel_size", 1.0))
-    src = arr.data if isinstance(arr.data, da.Array) else da.from_array(np.asarray(arr.data))
+    if isinstance(arr.data, da.Array):
+        src = arr.data
+    else:  # in memory: store in viewer-friendly chunks, not one 128 MiB block
+        src = da.from_array(np.asarray(arr.data), chunks=_normalise_chunks("auto", arr.shape))
     if chunks is not None:
         src = src.rechunk(chunks)
     with atomic_path(p, overwrite=overwrite) as tmp:
         if suffix == ".zarr":
-            _write_zarr(src, tmp, vs, arr.name, progress)
+            write_ome_zarr(
+                src,
+                tmp,
+                vs,
+                str(arr.name if arr.name is not None else p.stem),
+                zarr_format=zarr_format,
+                levels=levels,
+                method=downsample,
+                progress=progress,
+            )
         else:
             write_mrc(src, tmp, vs, progress)
     return p
@@ -409,25 +449,6 @@ def _check_replaceable(p: Path, suffix: str, arr: xr.DataArray, overwrite: bool)
             f"{p}: refusing to replace it: it is {kind} but not {what}; remove it yourself "
             "or choose another output path"
         )
-
-
-def _write_zarr(src: da.Array, tmp: Path, voxel_size: float, name: Any, progress: bool) -> None:
-    import zarr
-
-    chunks = tuple(int(c[0]) for c in src.chunks)
-    z = zarr.create_array(
-        store=str(tmp), shape=src.shape, chunks=chunks, dtype=src.dtype, zarr_format=3
-    )
-    z.attrs.update(
-        {"voxel_size": voxel_size, "axes": list(DIMS), "unit": "angstrom", "name": str(name)}
-    )
-    if progress:
-        from dask.diagnostics import ProgressBar
-
-        with ProgressBar():
-            da.store(src, z, lock=False)
-    else:
-        da.store(src, z, lock=False)
 
 
 def write_json(obj: Any, path: str | os.PathLike[str]) -> Path:

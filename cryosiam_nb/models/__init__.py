@@ -19,13 +19,14 @@ from .checkpoints import (
     load_checkpoint_dict,
     save,
 )
-from .networks import CryoSiamModel, DenseSimSiam, SimSiam, TaskHeads
-from .presets import PRESETS, build, build_from_config
+from .networks import CryoSiamModel, DenseSimSiam, MultiTaskHeads, SimSiam, TaskHeads
+from .presets import PRESETS, build, build_from_config, combine
 
 __all__ = [
     "export_lightning",
     "build",
     "build_from_config",
+    "combine",
     "load",
     "save",
     "list_models",
@@ -34,6 +35,7 @@ __all__ = [
     "DenseSimSiam",
     "SimSiam",
     "TaskHeads",
+    "MultiTaskHeads",
     "PRESETS",
     "TASKS",
     "WEIGHTS_DIR",

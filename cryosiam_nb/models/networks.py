@@ -26,13 +26,15 @@ import torch.nn.functional as F
 from monai.networks.nets import ResNet
 from torch import nn
 
-from cryosiam_nb.constants import TASKS
+from cryosiam_nb.constants import HEAD_TASKS, TASKS
 
 __all__ = [
     "DenseSimSiam",
     "SimSiam",
     "FPNDecoder",
     "TaskHeads",
+    "FusedTaskHeads",
+    "MultiTaskHeads",
     "CryoSiamModel",
     "conv_head",
     "HEAD_LAYOUTS",
@@ -299,6 +301,20 @@ def conv_head(
     )
 
 
+def _head_channels(task: str, n_classes: int | None) -> list[tuple[str, str, int]]:
+    """``[(output key, module name, channels)]`` of ``task`` (:data:`HEAD_LAYOUTS`)."""
+    if task not in HEAD_LAYOUTS:
+        raise ValueError(f"task={task!r} has no heads; expected one of {list(HEAD_LAYOUTS)}")
+    out = []
+    for key, name, ch in HEAD_LAYOUTS[task]:
+        if ch == "n":
+            if not n_classes or n_classes < 2:
+                raise ValueError(f"task={task!r} needs n_classes >= 2, got {n_classes!r}")
+            ch = n_classes
+        out.append((key, name, int(ch)))
+    return out
+
+
 class TaskHeads(nn.Module):
     """The heads of one task (``HEAD_LAYOUTS``); ``forward(z)`` → dict of un-activated maps."""
 
@@ -311,19 +327,79 @@ class TaskHeads(nn.Module):
         kernel_size: int = 3,
     ) -> None:
         super().__init__()
-        if task not in HEAD_LAYOUTS:
-            raise ValueError(f"task={task!r} has no heads; expected one of {list(HEAD_LAYOUTS)}")
         self.outputs: list[tuple[str, str]] = []
-        for key, name, ch in HEAD_LAYOUTS[task]:
-            if ch == "n":
-                if not n_classes or n_classes < 2:
-                    raise ValueError(f"task={task!r} needs n_classes >= 2, got {n_classes!r}")
-                ch = n_classes
-            self.add_module(name, conv_head(in_channels, filters, int(ch), kernel_size))
+        for key, name, ch in _head_channels(task, n_classes):
+            self.add_module(name, conv_head(in_channels, filters, ch, kernel_size))
             self.outputs.append((key, name))
 
     def forward(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         return {key: getattr(self, name)(z) for key, name in self.outputs}
+
+
+class FusedTaskHeads(nn.Module):
+    """All outputs of one task from a single :func:`conv_head` (``trunk``) whose output
+    channels are split into the task's maps — a third to an eighth of the separate heads'
+    cost at full resolution. Same ``forward`` contract as :class:`TaskHeads`."""
+
+    def __init__(
+        self,
+        task: str,
+        in_channels: int,
+        filters: Sequence[int] = (32, 64),
+        n_classes: int | None = None,
+        kernel_size: int = 3,
+    ) -> None:
+        super().__init__()
+        layout = _head_channels(task, n_classes)
+        self.keys = [key for key, _, _ in layout]
+        self.sizes = [ch for _, _, ch in layout]
+        self.trunk = conv_head(in_channels, filters, sum(self.sizes), kernel_size)
+
+    def forward(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(zip(self.keys, torch.split(self.trunk(z), self.sizes, dim=1)))
+
+
+class MultiTaskHeads(nn.Module):
+    """The heads of several tasks reading one dense embedding (the thesis' multi-task shape).
+
+    One :class:`FusedTaskHeads` (``fused=True``, the shipped multi-task model) or
+    :class:`TaskHeads` per task, registered under the task's name (state-dict keys
+    ``heads.<task>.trunk.*`` / ``heads.<task>.<head>.*``). ``forward(z)`` returns ``{"<task>/<output>": map}``, e.g.
+    ``"semantic/logits"``, ``"instance/foreground"``; ``n_classes`` maps ``"semantic"`` and
+    ``"lamella"`` to their class counts.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        filters: Sequence[int],
+        n_classes: dict[str, int],
+        kernel_size: int = 3,
+        tasks: Sequence[str] = HEAD_TASKS,
+        fused: bool = True,
+    ) -> None:
+        super().__init__()
+        self.tasks = tuple(tasks)
+        cls = FusedTaskHeads if fused else TaskHeads
+        for t in self.tasks:
+            self.add_module(t, cls(t, in_channels, filters, n_classes.get(t), kernel_size))
+
+    @classmethod
+    def from_parts(cls, parts: dict[str, nn.Module]) -> MultiTaskHeads:
+        """Wrap existing task heads (shared, not copied) as one multi-task head module."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.tasks = tuple(parts)
+        for t, h in parts.items():
+            self.add_module(t, h)
+        return self
+
+    def forward(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for t in self.tasks:
+            for key, val in getattr(self, t)(z).items():
+                out[f"{t}/{key}"] = val
+        return out
 
 
 class CryoSiamModel(nn.Module):
@@ -338,7 +414,9 @@ class CryoSiamModel(nn.Module):
     ``subtomo_ssl`` the un-normalised projection ``(N, D)``). ``model(x)`` returns a dict of
     un-activated outputs, each ``(N, C, Z, Y, X)``: denoise ``denoised``; semantic/lamella
     ``logits``, ``distance`` (tanh not applied); instance ``foreground``, ``distance``,
-    ``boundary``; dense_ssl ``embedding``; subtomo_ssl ``embedding`` ``(N, D)`` (normalised).
+    ``boundary``; multitask every head task's outputs as ``"<task>/<output>"`` (one backbone
+    pass; class names of each part in ``part_classes``); dense_ssl ``embedding``;
+    subtomo_ssl ``embedding`` ``(N, D)`` (normalised).
     Input: float32 ``(N, 1, Z, Y, X)`` normalised to [0, 1], protein bright.
     """
 
@@ -346,7 +424,7 @@ class CryoSiamModel(nn.Module):
         self,
         task: str,
         backbone: nn.Module,
-        heads: TaskHeads | None,
+        heads: TaskHeads | MultiTaskHeads | None,
         config: dict[str, Any],
         patch_size: Sequence[int],
         voxel_size: float | None = None,
@@ -363,6 +441,10 @@ class CryoSiamModel(nn.Module):
         self.patch_size = tuple(int(v) for v in patch_size)
         self.voxel_size = None if voxel_size is None else float(voxel_size)
         self.class_names = None if class_names is None else tuple(str(c) for c in class_names)
+        #: class names of every classifying head (``{"semantic": (...), "lamella": (...)}``)
+        self.part_classes: dict[str, tuple[str, ...]] = {
+            str(k): tuple(str(c) for c in v) for k, v in config.get("part_classes", {}).items()
+        }
         self.metadata: dict[str, Any] = dict(metadata or {})
         self._frozen = "none"
 

@@ -16,15 +16,23 @@ Full-resolution 3-D convolutions dominate the cost, so the tiny widths are kept 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from cryosiam_nb.constants import SEMANTIC_CLASSES, TASKS
+from cryosiam_nb.constants import HEAD_TASKS, SEMANTIC_CLASSES, TASKS
 
-from .networks import HEAD_LAYOUTS, CryoSiamModel, DenseSimSiam, SimSiam, TaskHeads
+from .networks import (
+    HEAD_LAYOUTS,
+    CryoSiamModel,
+    DenseSimSiam,
+    MultiTaskHeads,
+    SimSiam,
+    TaskHeads,
+)
 
-__all__ = ["PRESETS", "build", "build_from_config", "default_class_names"]
+__all__ = ["PRESETS", "build", "build_from_config", "default_class_names", "combine"]
 
 #: What every preset's encoder shares (SPEC §2): MONAI ResNet, bottleneck blocks, one block
 #: per stage, 7³ first convolution with stride 1 and no max-pool, one input channel.
@@ -127,9 +135,9 @@ def _override_names(task: str) -> dict[str, str]:
         names["hidden_dim"] = section
     else:
         names["global_hidden"] = section
-    if task in HEAD_LAYOUTS:
+    if task in HEAD_LAYOUTS or task == "multitask":
         names.update(head_filters="heads", head_kernel_size="heads")
-    if task in ("semantic", "lamella"):
+    if task in ("semantic", "lamella", "multitask"):
         names.update(n_classes="top", class_names="top")
     names.update(patch_size="top", voxel_size="top")
     return names
@@ -138,7 +146,9 @@ def _override_names(task: str) -> dict[str, str]:
 def build(task: str, preset: str = "tiny", **overrides: Any) -> CryoSiamModel:
     """Build an untrained model for ``task`` with the sizes of ``preset``.
 
-    ``task``: "dense_ssl", "denoise", "semantic", "lamella", "instance" or "subtomo_ssl".
+    ``task``: "dense_ssl", "denoise", "semantic", "lamella", "instance", "multitask" (one
+    backbone, the heads of every task in :data:`~cryosiam_nb.constants.HEAD_TASKS`;
+    ``n_classes`` / ``class_names`` are the semantic head's) or "subtomo_ssl".
     ``preset``: "tiny" or "paper" (see module docstring). ``overrides`` change single sizes,
     e.g. ``filters=(16, 32, 64, 128)``, ``dense_dim=16``, ``levels=(2, 4)``,
     ``head_filters=(16, 32)``, ``n_classes=3`` / ``class_names=(...)`` (semantic, lamella),
@@ -177,17 +187,25 @@ def build(task: str, preset: str = "tiny", **overrides: Any) -> CryoSiamModel:
             voxel_size = None if val is None else float(val)
         elif where in ("backbone", "subtomo"):
             net[key] = _plain(val)
-    if task in ("semantic", "lamella"):
+    if task in ("semantic", "lamella", "multitask"):
+        part = "semantic" if task == "multitask" else task
         if class_names is not None and n_classes is not None and len(class_names) != n_classes:
             raise ValueError(f"class_names has {len(class_names)} names but n_classes={n_classes}")
         if class_names is None:
-            default_n = n_classes or (2 if task == "lamella" else len(SEMANTIC_CLASSES))
-            class_names = list(default_class_names(task, default_n) or ())
+            default_n = n_classes or (2 if part == "lamella" else len(SEMANTIC_CLASSES))
+            class_names = list(default_class_names(part, default_n) or ())
         n_classes = len(class_names)
         heads["out_channels"] = n_classes
     config["subtomo" if sub else "backbone"] = net
-    if task in HEAD_LAYOUTS:
+    if task in HEAD_LAYOUTS or task == "multitask":
         config["heads"] = heads
+    if task == "multitask":
+        heads.pop("out_channels", None)
+        heads["fused"] = True
+        config["part_classes"] = {
+            "semantic": list(class_names or ()),
+            "lamella": list(default_class_names("lamella", 2) or ()),
+        }
     config["patch_size"] = list(patch)
     config["voxel_size"] = voxel_size
     config["class_names"] = class_names
@@ -206,8 +224,18 @@ def build_from_config(
         backbone: Any = SimSiam(**config["subtomo"])
     else:
         backbone = DenseSimSiam(**config["backbone"])
-    heads = None
-    if task in HEAD_LAYOUTS:
+    heads: TaskHeads | MultiTaskHeads | None = None
+    if task == "multitask":
+        h = config["heads"]
+        heads = MultiTaskHeads(
+            in_channels=config["backbone"]["dense_dim"],
+            filters=tuple(h["filters"]),
+            n_classes={k: len(v) for k, v in config["part_classes"].items()},
+            kernel_size=int(h.get("kernel_size", 3)),
+            tasks=tuple(h.get("tasks", HEAD_TASKS)),
+            fused=bool(h.get("fused", False)),
+        )
+    elif task in HEAD_LAYOUTS:
         h = config["heads"]
         heads = TaskHeads(
             task,
@@ -243,3 +271,58 @@ def _patch(val: Any) -> list[int]:
     if len(out) != 3 or min(out) < 8:
         raise ValueError(f"patch_size={val!r}: need 3 sizes (z, y, x) of at least 8 voxels")
     return out
+
+
+def combine(models: Sequence[CryoSiamModel]) -> CryoSiamModel:
+    """One multi-task model from head models whose backbones hold identical weights.
+
+    The result shares the first model's backbone (no copy) and every model's heads
+    (``heads.<task>``), so :func:`cryosiam_nb.tl.predict` runs the backbone once per
+    window for all of them. Models with different backbones (e.g. the separately
+    fine-tuned ``tiny-*`` models) cannot be combined: run them one by one.
+    """
+    models = list(models)
+    if not models:
+        raise ValueError("combine: no models given")
+    if len(models) == 1 and models[0].task == "multitask":
+        return models[0]
+    first = models[0]
+    parts: dict[str, CryoSiamModel] = {}
+    for m in models:
+        if m.task not in HEAD_LAYOUTS:
+            raise ValueError(f"combine: {m.task!r} model has no dense heads to combine")
+        if m.task in parts:
+            raise ValueError(f"combine: two {m.task!r} models given")
+        if m.config.get("backbone") != first.config.get("backbone") or tuple(m.patch_size) != tuple(
+            first.patch_size
+        ):
+            raise ValueError(
+                f"combine: the {m.task!r} model's backbone or patch size differs from the "
+                f"{first.task!r} model's; run them separately"
+            )
+        a, b = m.backbone.state_dict(), first.backbone.state_dict()
+        if m is not first and any(not torch.equal(a[k], b[k]) for k in b):
+            raise ValueError(
+                f"combine: the {m.task!r} and {first.task!r} models have different backbone "
+                "weights (fine-tuned separately); run them separately"
+            )
+        parts[m.task] = m
+    heads = MultiTaskHeads.from_parts({t: m.heads for t, m in parts.items()})
+    config = copy.deepcopy(first.config)
+    config["task"] = "multitask"
+    config["heads"] = {**first.config["heads"], "tasks": list(parts)}
+    config["heads"].pop("out_channels", None)
+    config["part_classes"] = {
+        t: list(m.class_names or ()) for t, m in parts.items() if t in ("semantic", "lamella")
+    }
+    sem = parts.get("semantic")
+    return CryoSiamModel(
+        "multitask",
+        first.backbone,
+        heads,
+        config=config,
+        patch_size=first.patch_size,
+        voxel_size=first.voxel_size,
+        class_names=None if sem is None else sem.class_names,
+        metadata={"combined_from": [m.task for m in models]},
+    ).eval()

@@ -19,7 +19,11 @@ import pandas as pd
 
 from cryosiam_nb.io import InputError
 
-__all__ = ["CurationMixin", "natural_key"]
+__all__ = ["CurationMixin", "natural_key", "CLUSTER_COLORS_KEY"]
+
+#: ``uns`` key of the cluster → colour (``#rrggbb``) map the explorer keeps: colours follow a
+#: cluster's identity (renames and merges carry them), never its sorted position.
+CLUSTER_COLORS_KEY = "cluster_colors"
 
 
 def _json_value(v: Any) -> Any:
@@ -135,8 +139,22 @@ class CurationMixin:
         }
         self.history.append(entry)
 
-    def undo(self) -> dict[str, Any]:
+    def session_mark(self) -> int:
+        """The history length now: pass it as ``undo(floor=...)`` to stop undo at this point.
+
+        The explorer takes one when a session opens, so its Undo never walks into the
+        pipeline's own steps (``tl.cluster``, ``tl.subcluster``) or earlier sessions.
+        """
+        return len(self.history)
+
+    def undo(self, *, floor: int = 0) -> dict[str, Any]:
         """Revert the last curation action exactly (obs columns it changed and ``uns``).
+
+        Parameters
+        ----------
+        floor : int
+            Entries ``history[:floor]`` are not undoable (a :meth:`session_mark`); default 0
+            (everything, including the analysis tools' clustering steps).
 
         Returns
         -------
@@ -145,6 +163,11 @@ class CurationMixin:
         """
         if not self.history:
             raise InputError("nothing to undo: history is empty")
+        if len(self.history) <= int(floor):
+            raise InputError(
+                "nothing to undo in this session (earlier steps, e.g. "
+                f"{self.history[-1]['action']!r}, belong to the pipeline or an earlier session)"
+            )
         entry = self.history.pop()
         rec = entry["undo"]
         for c in rec["new_columns"]:
@@ -203,6 +226,9 @@ class CurationMixin:
         ann = self.uns.get("cluster_annotations", {})
         if old in ann:
             ann[new] = ann.pop(old)
+        colors = self.uns.get(CLUSTER_COLORS_KEY)
+        if isinstance(colors, dict) and old in colors:
+            colors[new] = colors.pop(old)  # a renamed cluster keeps its colour
 
     def annotate_cluster(self, name: str, text: str) -> None:
         """Attach a free-text annotation to a cluster (undoable).
@@ -248,6 +274,9 @@ class CurationMixin:
         texts = [ann.pop(n) for n in names if n in ann]
         if texts:
             ann[into] = "; ".join(dict.fromkeys(texts))
+        colors = self.uns.get(CLUSTER_COLORS_KEY)
+        if isinstance(colors, dict) and into not in colors and names[0] in colors:
+            colors[into] = colors[names[0]]  # a merge into a new name keeps the first's colour
         return into
 
     def _set_excluded(self, ids: Any, value: bool, action: str) -> int:

@@ -17,6 +17,8 @@ _WHERE = {
     "explorer": "cryosiam_nb.pl.curation",
     "loss_curves": "cryosiam_nb.pl.static",
     "umap": "cryosiam_nb.pl.embedding",
+    "tune_instances": "cryosiam_nb.pl.widgets",
+    "tune_lamella": "cryosiam_nb.pl.widgets",
 }
 
 

@@ -39,6 +39,7 @@ from scipy import ndimage as ndi
 
 from cryosiam_nb.constants import DIMS, DISTANCE_SCALE, SEMANTIC_CLASSES
 from cryosiam_nb.inference.grid import grid_voxel_size, on_grid
+from cryosiam_nb.inference.outputs import outputs_of
 from cryosiam_nb.inference.stitching import match_iou, merge_pairs, relabel, size_filter_lut
 from cryosiam_nb.io import InputError, as_volume, atomic_path
 
@@ -348,6 +349,7 @@ def instances(
     """
     if not isinstance(maps, xr.Dataset):
         raise InputError("maps: expected an xarray.Dataset with foreground/boundary/distance")
+    maps = outputs_of(maps, "instance")
     missing = [v for v in ("foreground", "boundary", "distance") if v not in maps]
     if missing:
         raise InputError(f"maps: missing variable(s) {missing}")

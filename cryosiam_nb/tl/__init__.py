@@ -5,6 +5,7 @@ variable):
 
 - ``predict``: chunked sliding-window inference of a model on a tomogram.
 - ``write_predictions``: stream predictions to a zarr store, chunk by chunk.
+- ``outputs_of``: one head task's outputs of a multi-task prediction.
 - ``postprocess_semantic``, ``lamella_mask``: semantic / lamella post-processing.
 - ``maps_from_density``: a model-free foreground/boundary/distance baseline.
 - ``maps_from_labels``: the same maps from ground-truth instance labels.
@@ -31,6 +32,7 @@ from typing import Any
 _WHERE = {
     "predict": "cryosiam_nb.inference",
     "write_predictions": "cryosiam_nb.inference",
+    "outputs_of": "cryosiam_nb.inference",
     "postprocess_semantic": "cryosiam_nb.inference",
     "lamella_mask": "cryosiam_nb.inference",
     "maps_from_density": "cryosiam_nb.segmentation",

@@ -308,7 +308,9 @@ class PatchDataset(_SeededDataset):
 
     Items: ``{"image": float32 (1, *P)}`` plus one tensor per name in ``keys``
     (``clean``: float32; label volumes: int64). ``foreground_fraction`` of the
-    patches are centred near a voxel of ``foreground_key`` > 0 (class balance)."""
+    patches are centred near a voxel of ``foreground_key`` > 0; with ``balance=True``
+    near a voxel of a class drawn uniformly among the classes > 0 present in any
+    tomogram (rare classes are seen as often as common ones)."""
 
     def __init__(
         self,
@@ -320,6 +322,7 @@ class PatchDataset(_SeededDataset):
         seed: int = 0,
         foreground_key: str | None = None,
         foreground_fraction: float = 0.5,
+        balance: bool = False,
     ):
         super().__init__(n_samples, seed)
         self.tomograms = list(tomograms)
@@ -344,12 +347,31 @@ class PatchDataset(_SeededDataset):
                 self._focus.append(pts)
             else:
                 self._focus.append(None)
+        # class → [(tomogram index, voxels of that class)], for balanced sampling
+        self._by_class: dict[int, list[tuple[int, np.ndarray]]] = {}
+        if balance and foreground_key:
+            rng = np.random.default_rng(seed)
+            for ti, t in enumerate(self.tomograms):
+                lab = t.labels.get(foreground_key)
+                if lab is None:
+                    continue
+                for c in np.unique(lab):
+                    if c <= 0:
+                        continue
+                    pts = np.argwhere(lab == c)
+                    if len(pts) > 5000:
+                        pts = pts[rng.choice(len(pts), 5000, replace=False)]
+                    self._by_class.setdefault(int(c), []).append((ti, pts))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rng = self._rng(index)
         ti = int(rng.integers(len(self.tomograms)))
-        t = self.tomograms[ti]
         focus = self._focus[ti] if rng.random() < self.foreground_fraction else None
+        if focus is not None and self._by_class:
+            classes = sorted(self._by_class)
+            holders = self._by_class[classes[int(rng.integers(len(classes)))]]
+            ti, focus = holders[int(rng.integers(len(holders)))]
+        t = self.tomograms[ti]
         c = _pick_corner(rng, t.image.shape, self.patch_size, focus)
         sl = tuple(slice(a, a + p) for a, p in zip(c, self.patch_size))
         d: dict[str, Any] = {

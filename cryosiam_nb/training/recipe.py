@@ -66,6 +66,34 @@ RECIPE: dict[str, Any] = {
     # lamella head: thinner samples (24 nm in a 48 nm-deep volume) so that "outside" is
     # well represented; the default tomograms are almost all sample
     "lamella_sim": {"n": 6, "seed": 3024, "thickness_nm": 24.0},
+    # the multi-task model: one backbone, all four heads trained jointly on varied data
+    "multitask": {
+        "n": 24,
+        "shape": (96, 160, 160),
+        "seed": 5000,
+        "val_n": 2,
+        "val_shape": (64, 128, 128),
+        "val_seed": 5900,
+        "voxel_range": (8.0, 14.0),
+        "epochs": 40,
+        "samples_per_epoch": 256,
+        "batch_size": 4,
+        "lr": 3e-3,
+        "val_every": 10,
+        "foreground_fraction": 0.6,
+        "seed_train": 0,
+        "backbone": "tiny-dense-ssl",
+        # stage 2: the same model continued on low-SNR data (projection SNR 0.04–0.3)
+        "stage2": {
+            "n": 16,
+            "seed": 5200,
+            "val_n": 2,
+            "val_seed": 5950,
+            "snr_range": (0.04, 0.3),
+            "epochs": 5,
+            "lr": 1e-3,
+        },
+    },
 }
 
 
@@ -101,6 +129,18 @@ QUICK: dict[str, Any] = _overridden(
     subtomo={"box": 16, "epochs": 1, "samples_per_epoch": 8, "batch_size": 4},
     val_fraction=0.34,
     lamella_sim={"n": 3, "thickness_nm": 16.0},
+    multitask={
+        "n": 3,
+        "shape": (32, 48, 48),
+        "val_n": 1,
+        "val_shape": (32, 48, 48),
+        "epochs": 1,
+        "samples_per_epoch": 4,
+        "batch_size": 2,
+        "val_every": 1,
+        "mode": "fast",
+        "stage2": {"n": 2, "val_n": 1, "epochs": 1, "snr_range": (0.04, 0.3), "lr": 1e-3},
+    },
 )
 
 
@@ -111,6 +151,7 @@ TASK_FILES = {
     "semantic": "tiny-semantic",
     "instance": "tiny-instance",
     "subtomo_ssl": "tiny-subtomo",
+    "multitask": "tiny-multitask",
 }
 
 
@@ -219,6 +260,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--only", nargs="*", help="subset of tasks to train")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--epochs", type=int, default=None, help="multitask epochs (default: the recipe's)"
+    )
+    p.add_argument(
+        "--budget-minutes",
+        type=float,
+        default=None,
+        help="multitask: choose the epochs that fit this many minutes (timed on this machine)",
+    )
+    p.add_argument("--resume", action="store_true", help="multitask: continue an interrupted run")
     args = p.parse_args(argv)
     from cryosiam_nb import models
     from cryosiam_nb.training import finetune, pretrain_dense, pretrain_subtomo
@@ -235,13 +286,26 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, dict[str, float]] = {}
     times: dict[str, float] = {}
 
-    t0 = time.perf_counter()
-    sims = simulate_training_set(**cfg["sim"], progress=progress)
-    times["simulate"] = time.perf_counter() - t0
+    if "multitask" in todo:
+        from .multitask_recipe import train_shipped_multitask
+
+        t0 = time.perf_counter()
+        report["multitask"] = train_shipped_multitask(
+            cfg, out, command, progress, args.epochs, args.budget_minutes, args.resume
+        )
+        times["multitask"] = time.perf_counter() - t0
+        todo.discard("multitask")
+    times["simulate"] = 0.0
+    if todo:
+        t0 = time.perf_counter()
+        sims = simulate_training_set(**cfg["sim"], progress=progress)
+        times["simulate"] = time.perf_counter() - t0
     vf = cfg["val_fraction"]
 
     dense_path = out / f"{TASK_FILES['dense_ssl']}.pt"
-    if "dense_ssl" in todo or not dense_path.exists():
+    if not todo:
+        pass
+    elif "dense_ssl" in todo or not dense_path.exists():
         t0 = time.perf_counter()
         ssl, hist = pretrain_dense(
             sims,

@@ -18,9 +18,12 @@ can be scripted and tested without a browser. Coordinates: UMAP units for select
 voxels (z, y, x) for particle centres, Å for voxel sizes.
 
 Modules by job: :mod:`.geometry` (box / lasso hit tests), :mod:`.thumbnails` (PNG
-thumbnails), :mod:`.render` (datashader rendering, palette), :mod:`.gallery` (the JS
-thumbnail grid), :mod:`.app` (the :class:`Explorer`), :mod:`.exporting` (export / save
-actions), :mod:`.layout` (widgets and layout), :mod:`.server` (the command line).
+thumbnails), :mod:`.render` (datashader rendering, stable palette), :mod:`.gallery` (the JS
+components: thumbnail grid, clickable legend, keyboard shortcuts), :mod:`.boxes` (gallery
+order, thumbnails, average subtomogram preview), :mod:`.session` (undo floor, output
+folder, autosave), :mod:`.app` (the :class:`Explorer`), :mod:`.exporting` (export / save
+actions), :mod:`.layout` (widgets and layout), :mod:`.server` (:func:`serve`: token,
+one working copy per browser session; the command line).
 """
 
 from cryosiam_nb.pl.curation.app import Explorer, explorer
@@ -28,7 +31,8 @@ from cryosiam_nb.pl.curation.exporting import EXPORT_FORMATS
 from cryosiam_nb.pl.curation.gallery import Gallery
 from cryosiam_nb.pl.curation.geometry import points_in_box, points_in_lasso
 from cryosiam_nb.pl.curation.render import COLOR_FIELDS, EXCLUDED_LABEL, palette, render_umap
-from cryosiam_nb.pl.curation.server import main
+from cryosiam_nb.pl.curation.server import live_sessions, main, serve
+from cryosiam_nb.pl.curation.session import safe_name
 from cryosiam_nb.pl.curation.thumbnails import thumbnail_png
 
 __all__ = [
@@ -44,4 +48,7 @@ __all__ = [
     "render_umap",
     "palette",
     "main",
+    "serve",
+    "live_sessions",
+    "safe_name",
 ]

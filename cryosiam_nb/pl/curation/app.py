@@ -20,6 +20,8 @@ import param
 from cryosiam_nb import analysis
 from cryosiam_nb.io import InputError
 from cryosiam_nb.particles import Particles
+from cryosiam_nb.particles.curation import CLUSTER_COLORS_KEY
+from cryosiam_nb.pl.curation.boxes import GALLERY_ORDERS, BoxesMixin
 from cryosiam_nb.pl.curation.exporting import ExportMixin
 from cryosiam_nb.pl.curation.geometry import points_in_box, points_in_lasso
 from cryosiam_nb.pl.curation.layout import LayoutMixin
@@ -27,14 +29,13 @@ from cryosiam_nb.pl.curation.render import (
     COLOR_FIELDS,
     EXCLUDED_COLOR,
     EXCLUDED_LABEL,
+    assign_colors,
     extent,
     natural_key,
-    palette,
     render_umap,
 )
-from cryosiam_nb.pl.curation.thumbnails import central_views, thumbnail_png
+from cryosiam_nb.pl.curation.session import SessionMixin
 from cryosiam_nb.pl.viewer import SliceViewer, ensure_bokeh
-from cryosiam_nb.segmentation.subtomograms import crop_box
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -51,23 +52,64 @@ def _name_plot(plot: Any, element: Any) -> None:
     plot.state.name = "cs-umap"
 
 
-class Explorer(ExportMixin, LayoutMixin, param.Parameterized):
+def _slots(n: int) -> list[str]:
+    return [f"k{i}" for i in range(n)]
+
+
+class _CappedViewer(SliceViewer):
+    """Slice viewer drawing at most ``max_markers`` particle markers per view.
+
+    Highlighted (selected) particles are kept first; the rest is an even subsample, so a
+    slice through a million picks stays interactive.
+    """
+
+    def __init__(self, *args: Any, max_markers: int = 2000, **kw: Any):
+        super().__init__(*args, **kw)
+        self.max_markers = int(max_markers)
+
+    def _markers(self, view: str, z: int, y: int, x: int, show: bool, slab: int, **kw: Any):
+        df = self._particles
+        depth, pos = {"xy": ("z", z), "xz": ("y", y), "yz": ("x", x)}[view]
+        if not show or len(df) <= self.max_markers:
+            return super()._markers(view, z, y, x, show, slab, **kw)
+        near = df[(df[depth] - pos).abs() <= slab]
+        if len(near) > self.max_markers:
+            hl = near.index.isin(list(map(str, self.highlight)))
+            keep = np.flatnonzero(hl)[: self.max_markers]
+            rest = np.flatnonzero(~hl)
+            room = self.max_markers - len(keep)
+            if room > 0 and len(rest):
+                keep = np.r_[keep, rest[np.linspace(0, len(rest) - 1, room).astype(int)]]
+            near = near.iloc[np.sort(keep)]
+        self._particles = near
+        try:
+            return super()._markers(view, z, y, x, show, slab, **kw)
+        finally:
+            self._particles = df
+
+
+class Explorer(SessionMixin, BoxesMixin, ExportMixin, LayoutMixin, param.Parameterized):
     """Cluster-curation app over a :class:`~cryosiam_nb.particles.Particles` object.
 
-    The Particles object is modified in place by curation actions (use ``.particles.undo()``
-    or the Undo button to revert). Python methods mirror every button. Build it with
+    Curation actions modify ``particles`` in place, or a private copy with
+    ``working_copy=True`` (what the server does for every browser session). Undo stops at
+    the state the explorer was opened on. Python methods mirror every button. Build it with
     :func:`explorer` (same arguments, documented there).
     """
 
     color_by = param.Selector(default="cluster", objects=list(COLOR_FIELDS))
+    order = param.Selector(default="centroid", objects=list(GALLERY_ORDERS))
     page = param.Integer(default=0, bounds=(0, None), doc="gallery page (0-based)")
     selection_version = param.Integer(default=0, precedence=-1)
     data_version = param.Integer(default=0, precedence=-1)
+    active = param.String(default="", doc="id of the particle shown in the slice viewer")
     status = param.String(default="")
     max_scatter = param.Integer(
         default=20_000,
         doc="selections up to this size are drawn as markers, larger ones datashaded",
     )
+    max_average = param.Integer(default=2000, doc="average preview: at most this many boxes")
+    seed = param.Integer(default=0, doc="seed of the random gallery order / average sample")
 
     def __init__(
         self,
@@ -82,6 +124,12 @@ class Explorer(ExportMixin, LayoutMixin, param.Parameterized):
         overlays: Mapping[str, Mapping[str, Volume] | xr.Dataset] | None = None,
         width: int = 620,
         height: int = 520,
+        working_copy: bool = False,
+        output_dir: str | os.PathLike[str] | None = None,
+        autosave: bool = False,
+        tomogram: str | None = None,
+        max_markers: int = 2000,
+        session_label: str | None = None,
         **params: Any,
     ):
         if isinstance(particles, str | os.PathLike):
@@ -99,11 +147,12 @@ class Explorer(ExportMixin, LayoutMixin, param.Parameterized):
         if int(page_size) < 1:
             raise InputError(f"page_size must be >= 1, got {page_size}")
         super().__init__(**params)
-        self.particles = particles
+        self.particles = particles.copy() if working_copy else particles
         self._uv = uv
         self.page_size = int(page_size)
         self.thumb_px = int(thumb_px)
         self.width, self.height = int(width), int(height)
+        self.max_markers = int(max_markers)
         self.tomograms = self._tomogram_dict(tomograms)
         self.overlays = {str(k): v for k, v in (overlays or {}).items()}
         unknown = sorted(set(self.overlays) - set(self.tomograms))
@@ -111,24 +160,36 @@ class Explorer(ExportMixin, LayoutMixin, param.Parameterized):
             raise InputError(
                 f"overlays: no tomogram named {unknown} (tomograms: {list(self.tomograms)})"
             )
+        if tomogram is not None and str(tomogram) not in self.tomograms:
+            raise InputError(f"tomogram: {tomogram!r} is not one of {list(self.tomograms)}")
+        self.first_tomogram = str(tomogram) if tomogram is not None else None
         self.shapes = {str(k): tuple(int(s) for s in v) for k, v in (shapes or {}).items()}
         self.box = int(box) if box else self._default_box()
-        self.export_path = str(export_path or Path.cwd() / "selection.star")
-        fields = [c for c in COLOR_FIELDS if c in particles.obs.columns]
-        if not fields:
-            particles.obs["cluster"] = "all"
-            fields = ["cluster"]
+        if export_path is not None and output_dir is None:
+            output_dir = Path(export_path).resolve().parent
+        self._init_session(output_dir, autosave, session_label)
+        self.export_path = str(export_path or self.output_dir / "selection.star")
+        obs = self.particles.obs
+        if not any(c in obs.columns for c in COLOR_FIELDS):
+            obs["cluster"] = "all"
+        fields = self._color_fields()
         self.param.color_by.objects = fields
         if color_by not in fields:
             raise InputError(f"color_by: {color_by!r} is not a column of particles.obs ({fields})")
         self.color_by = color_by
         self._sel = np.zeros(0, dtype=np.int64)
+        self._order_cache: np.ndarray | None = None
+        self._append = False
+        self._hidden: dict[str, set[str]] = {}
+        self._cat_names: dict[str, list[str]] = {}
         self._viewers: dict[str, SliceViewer] = {}
         self._frame: pd.DataFrame | None = None
         self._color_keys: dict[str, dict[str, str]] = {}
         self._layout: pn.viewable.Viewable | None = None
         self._widgets: dict[str, Any] = {}
         self._rebuild_frame()
+        self.param.watch(lambda e: self._rebuild_frame(), ["color_by"], precedence=0)
+        self.param.watch(lambda e: self._reorder(), ["order", "seed"], precedence=0)
 
     # ------------------------------------------------------------------ inputs
     @staticmethod
@@ -145,31 +206,76 @@ class Explorer(ExportMixin, LayoutMixin, param.Parameterized):
             return int(self.particles.obsm.shape("subtomograms")[1])
         return int(self.particles.uns.get("box", 32))
 
+    def _color_fields(self) -> list[str]:
+        """obs columns to colour by: :data:`COLOR_FIELDS` first, then any other column."""
+        cols = [str(c) for c in self.particles.obs.columns]
+        skip = {"z", "y", "x", "excluded", "particle_id"}
+        return [c for c in COLOR_FIELDS if c in cols] + [
+            c for c in cols if c not in COLOR_FIELDS and c not in skip
+        ]
+
+    def _is_numeric(self, field: str) -> bool:
+        s = self.particles.obs[field]
+        if pd.api.types.is_bool_dtype(s) or not pd.api.types.is_numeric_dtype(s):
+            return False
+        return pd.api.types.is_float_dtype(s) or s.nunique() > 40
+
     # ------------------------------------------------------------------ data frame for plots
     def _rebuild_frame(self) -> None:
+        """Plot table: ``u, v`` and the colour-by column (categories keyed to stable colours)."""
         obs = self.particles.obs
+        f = self.color_by
+        if f not in obs.columns:  # e.g. a column an undo removed
+            self.param.color_by.objects = fields = self._color_fields()
+            f = self.color_by = fields[0]
+            return  # the watcher on color_by rebuilt the frame
         excluded = (
             obs["excluded"].to_numpy(dtype=bool)
             if "excluded" in obs.columns
             else np.zeros(len(obs), bool)
         )
         data: dict[str, Any] = {"u": self._uv[:, 0], "v": self._uv[:, 1]}
-        self._color_keys = {}
-        for f in self.param.color_by.objects:
-            if f == "score":
-                data["score"] = obs["score"].to_numpy(dtype=np.float64)
-                continue
-            vals = obs[f].astype("string").fillna("(none)").to_numpy(dtype=object)
-            vals = np.where(excluded, EXCLUDED_LABEL, vals)
+        if self._is_numeric(f):
+            vals = obs[f].to_numpy(dtype=np.float64)
+            data[f] = np.where(excluded, np.nan, vals)
+            self._color_keys.pop(f, None)
+        else:
+            raw = obs[f].astype("string").fillna("(none)").to_numpy(dtype=object)
+            present = sorted({str(c) for c in pd.unique(raw)}, key=natural_key)
+            if f == "cluster":
+                colors = self.particles.uns.setdefault(CLUSTER_COLORS_KEY, {})
+            else:
+                colors = self._color_keys.setdefault(f"_all:{f}", {})
+            assign_colors(colors, present)
+            vals = np.where(excluded, EXCLUDED_LABEL, raw)
             cats = sorted({str(c) for c in pd.unique(vals)} - {EXCLUDED_LABEL}, key=natural_key)
-            cols = palette(len(cats))
-            key = dict(zip(cats, cols))
+            key = {c: colors[c] for c in cats}
             if excluded.any():
                 cats.append(EXCLUDED_LABEL)
                 key[EXCLUDED_LABEL] = EXCLUDED_COLOR
-            data[f] = pd.Categorical(vals, categories=cats)
+            # datashader compiles its count_cat kernel per *set of category names* (seconds):
+            # the plot column holds slot names "k0", "k1", ... (codes into ``cats``), padded
+            # to a power of two (≥ 32), so curation edits never trigger a recompile.
+            n_slots = max(32, 1 << (len(cats) - 1).bit_length())
+            codes = pd.Categorical(vals, categories=cats).codes
+            data[f] = pd.Categorical.from_codes(codes, categories=_slots(n_slots))
+            self._cat_names[f] = cats
             self._color_keys[f] = key
         self._frame = pd.DataFrame(data)
+
+    def category_codes(self, field: str) -> np.ndarray:
+        """Per-particle category codes of a categorical colour field (index into its names)."""
+        return np.asarray(self._frame[field].cat.codes)
+
+    def category_counts(self, field: str) -> dict[str, int]:
+        """``{category: number of particles}`` of a categorical colour field."""
+        names = self._cat_names[field]
+        counts = np.bincount(self.category_codes(field), minlength=len(names))
+        return dict(zip(names, counts[: len(names)].tolist()))
+
+    def _codes_of(self, field: str, names: Any) -> list[int]:
+        idx = {c: i for i, c in enumerate(self._cat_names.get(field, []))}
+        return [idx[n] for n in names if n in idx]
 
     # ------------------------------------------------------------------ selection
     @property
@@ -182,109 +288,56 @@ class Explorer(ExportMixin, LayoutMixin, param.Parameterized):
         """Particle ids of the current selection (obs order)."""
         return self.particles.obs.index[self._sel].tolist()
 
-    def _set_selection(self, pos: np.ndarray, how: str) -> np.ndarray:
-        self._sel = np.unique(np.asarray(pos, dtype=np.int64))
-        self.page = 0
-        self.selection_version += 1
-        self.status = f"{len(self._sel)} particle(s) selected ({how})"
+    def _set_selection(self, pos: np.ndarray, how: str, add: bool = False) -> np.ndarray:
+        pos = np.asarray(pos, dtype=np.int64)
+        self._sel = np.union1d(self._sel, pos) if add else np.unique(pos)
+        self._order_cache = None
+        verb = "added" if add else "selected"
+        with pn.io.hold():
+            self.page = 0
+            self.selection_version += 1
+            self.status = f"{len(self._sel)} particle(s) selected ({how}, {verb} {len(pos)})"
         return self._sel
 
-    def select_box(self, x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
-        """Select particles whose UMAP coordinates lie in the box; returns row positions."""
-        return self._set_selection(points_in_box(self._uv, (x0, y0, x1, y1)), "box")
+    def _reorder(self) -> None:
+        self._order_cache = None
+        self.page = 0
+        self.selection_version += 1
 
-    def select_lasso(self, polygon: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
+    def select_box(
+        self, x0: float, y0: float, x1: float, y1: float, add: bool = False
+    ) -> np.ndarray:
+        """Select particles whose UMAP coordinates lie in the box (``add``: union with the
+        current selection); returns row positions."""
+        return self._set_selection(points_in_box(self._uv, (x0, y0, x1, y1)), "box", add)
+
+    def select_lasso(
+        self, polygon: np.ndarray | Sequence[Sequence[float]], add: bool = False
+    ) -> np.ndarray:
         """Select particles inside a lasso ``polygon`` (M, 2) in UMAP units."""
-        return self._set_selection(points_in_lasso(self._uv, polygon), "lasso")
+        return self._set_selection(points_in_lasso(self._uv, polygon), "lasso", add)
 
-    def select_ids(self, ids: Sequence[str] | np.ndarray) -> np.ndarray:
+    def select_ids(self, ids: Sequence[str] | np.ndarray, add: bool = False) -> np.ndarray:
         """Select particles by id (or boolean mask / row positions)."""
-        return self._set_selection(self.particles._positions(ids, "selection"), "ids")
+        return self._set_selection(self.particles._positions(ids, "selection"), "ids", add)
 
-    def select_clusters(self, names: Sequence[str]) -> np.ndarray:
+    def select_clusters(self, names: Sequence[str], add: bool = False) -> np.ndarray:
         """Select all particles of the given clusters."""
         names = self.particles._require_clusters(names)
         mask = self.particles.obs["cluster"].isin(names).to_numpy(dtype=bool, na_value=False)
-        return self._set_selection(np.flatnonzero(mask), "clusters")
+        return self._set_selection(np.flatnonzero(mask), "clusters", add)
 
     def clear_selection(self) -> None:
         """Select nothing."""
         self._set_selection(np.zeros(0, np.int64), "cleared")
 
-    # ------------------------------------------------------------------ gallery
-    @property
-    def n_pages(self) -> int:
-        """Number of gallery pages for the current selection (≥ 1)."""
-        return max(1, -(-len(self._sel) // self.page_size))
-
-    def page_ids(self, page: int | None = None) -> list[str]:
-        """Particle ids shown on gallery ``page`` (default: the current page)."""
-        page = self.page if page is None else int(page)
-        if page < 0 or page >= self.n_pages:
-            raise InputError(f"page must be in 0..{self.n_pages - 1}, got {page}")
-        pos = self._sel[page * self.page_size : (page + 1) * self.page_size]
-        return self.particles.obs.index[pos].tolist()
-
-    def subtomogram(self, pid: str) -> np.ndarray:
-        """(B, B, B) box around particle ``pid`` (from obsm['subtomograms'] or the tomogram)."""
-        return self._boxes([pid])[0]
-
-    def _boxes(self, ids: Sequence[str]) -> np.ndarray:
-        pos = self.particles._positions(list(ids), "gallery ids")
-        if "subtomograms" in self.particles.obsm:
-            order = np.argsort(pos)
-            lazy = self.particles.obsm.lazy("subtomograms")
-            got = np.asarray(lazy[pos[order]].compute(), dtype=np.float32)
-            out = np.empty_like(got)
-            out[order] = got
-            return out
-        obs = self.particles.obs
-        boxes = []
-        for p in pos:
-            row = obs.iloc[int(p)]
-            tomo = str(row["tomogram"])
-            if tomo not in self.tomograms:
-                raise InputError(
-                    f"no subtomograms in particles.obsm and no tomogram {tomo!r} given: pass "
-                    f"tomograms={{'{tomo}': <array or path>}} to show thumbnails"
-                )
-            centre = (row.z, row.y, row.x)
-            boxes.append(crop_box(self._viewer(tomo).volume, centre, self.box))
-        if not boxes:
-            return np.zeros((0, self.box, self.box, self.box), np.float32)
-        return np.stack(boxes).astype(np.float32, copy=False)
-
-    def gallery_items(self, page: int | None = None) -> list[dict[str, Any]]:
-        """Thumbnails of a gallery page: dicts ``id, xy, xz`` (PNG data URIs), ``label``."""
-        ids = self.page_ids(page)
-        if not ids:
-            return []
-        obs = self.particles.obs
-        try:
-            boxes = self._boxes(ids)
-        except InputError as err:
-            self.status = str(err)
-            boxes = None
-        items = []
-        for i, pid in enumerate(ids):
-            row = obs.loc[pid]
-            if boxes is not None:
-                xy, xz = central_views(boxes[i])
-                xy_png, xz_png = thumbnail_png(xy, self.thumb_px), thumbnail_png(xz, self.thumb_px)
-            else:
-                blank = np.zeros((4, 4), np.float32)
-                xy_png = xz_png = thumbnail_png(blank, self.thumb_px)
-            label = str(row["cluster"]) if "cluster" in obs.columns else str(row["tomogram"])
-            items.append(
-                {
-                    "id": str(pid),
-                    "xy": xy_png,
-                    "xz": xz_png,
-                    "label": label,
-                    "excluded": bool(row["excluded"]) if "excluded" in obs.columns else False,
-                }
-            )
-        return items
+    def find(self, pid: str) -> SliceViewer | None:
+        """Search by particle id: select it, mark it on the UMAP and show it in the viewer."""
+        pid = str(pid).strip()
+        if pid not in self.particles.obs.index:
+            raise InputError(f"no particle with id {pid!r}")
+        self.select_ids([pid])
+        return self.show_particle(pid)
 
     # ------------------------------------------------------------------ slice viewer
     def _viewer(self, tomogram: str) -> SliceViewer:
@@ -293,11 +346,12 @@ class Explorer(ExportMixin, LayoutMixin, param.Parameterized):
                 raise InputError(
                     f"tomogram {tomogram!r} was not given (have {list(self.tomograms)})"
                 )
-            v = SliceViewer(
+            v = _CappedViewer(
                 self.tomograms[tomogram],
                 overlays=self.overlays.get(tomogram),
                 name=tomogram,
                 width=420,
+                max_markers=self.max_markers,
             )
             obs = self.particles.obs
             v.set_particles(obs.loc[obs["tomogram"].astype(str) == tomogram, ["z", "y", "x"]])
@@ -305,19 +359,27 @@ class Explorer(ExportMixin, LayoutMixin, param.Parameterized):
         return self._viewers[tomogram]
 
     def show_particle(self, pid: str) -> SliceViewer | None:
-        """Jump the slice viewer to particle ``pid`` (returns the viewer, None without tomograms)."""
+        """Jump the slice viewer to particle ``pid`` and mark it on the UMAP (returns the
+        viewer, None without tomograms)."""
         pid = str(pid)
         if pid not in self.particles.obs.index:
             raise InputError(f"unknown particle id {pid!r}")
         row = self.particles.obs.loc[pid]
-        self.status = f"particle {pid}: tomogram {row['tomogram']}, z {row.z:.0f}, y {row.y:.0f}, x {row.x:.0f} (voxels)"
         tomo = str(row["tomogram"])
-        if tomo not in self.tomograms:
-            return None
-        if "tomogram" in self._widgets and self._widgets["tomogram"].value != tomo:
-            self._widgets["tomogram"].value = tomo
-        v = self._viewer(tomo)
-        v.goto(row.z, row.y, row.x)
+        with pn.io.hold():
+            self.active = pid
+            if "gallery" in self._widgets:
+                self._widgets["gallery"].active = pid
+            self.status = (
+                f"particle {pid} ({row['cluster'] if 'cluster' in row else ''}): tomogram "
+                f"{tomo}, z {row.z:.0f}, y {row.y:.0f}, x {row.x:.0f} (voxels)"
+            )
+            if tomo not in self.tomograms:
+                return None
+            if "tomogram" in self._widgets and self._widgets["tomogram"].value != tomo:
+                self._widgets["tomogram"].value = tomo
+            v = self._viewer(tomo)
+            v.goto(row.z, row.y, row.x)
         return v
 
     def _update_viewer_highlight(self) -> None:
@@ -329,9 +391,18 @@ class Explorer(ExportMixin, LayoutMixin, param.Parameterized):
     # ------------------------------------------------------------------ curation
     def _after_edit(self, message: str) -> None:
         self._rebuild_frame()
-        self.data_version += 1
-        self.selection_version += 1  # gallery labels may change
-        self.status = message
+        self._order_cache = None
+        with pn.io.hold():  # legend, header, status, plot and gallery change together
+            self.data_version += 1
+            self.selection_version += 1  # gallery labels may change
+            self.status = message
+        self._autosave_safely()
+
+    def _autosave_safely(self) -> None:
+        try:
+            self.autosave_now()
+        except OSError as err:
+            self.status = f"{self.status} (⚠ autosave failed: {err})"
 
     def clusters(self) -> list[str]:
         """Current cluster names."""
@@ -354,7 +425,7 @@ class Explorer(ExportMixin, LayoutMixin, param.Parameterized):
         return out
 
     def split_selection(self, k: int | None = None, seed: int = 0) -> list[str]:
-        """Re-cluster the selected particles (:func:`cryosiam_nb.analysis.split`)."""
+        """Re-cluster the selected particles in place (:func:`cryosiam_nb.analysis.split`)."""
         names = analysis.split(self.particles, self.selected_ids, k=k, seed=seed)
         self._after_edit(f"split {len(self._sel)} particle(s) into {names}")
         return names
@@ -372,21 +443,30 @@ class Explorer(ExportMixin, LayoutMixin, param.Parameterized):
         return n
 
     def undo(self) -> dict[str, Any]:
-        """Undo the last curation action."""
-        entry = self.particles.undo()
+        """Undo the last curation action of this session (never the pipeline's steps)."""
+        entry = self.particles.undo(floor=self._floor)
         self._after_edit(f"undid {entry['action']}")
         return entry
 
     # ------------------------------------------------------------------ UMAP plot
     def _umap_frame(self, x_range=None, y_range=None, width=None, height=None, **_: Any) -> hv.RGB:
+        f = self.color_by
+        hidden = self._hidden.get(f)
+        rows = None
+        if hidden and f in self._cat_names:
+            rows = np.flatnonzero(~np.isin(self.category_codes(f), self._codes_of(f, hidden)))
+        key = None
+        if f in self._cat_names:
+            key = {f"k{i}": self._color_keys[f][c] for i, c in enumerate(self._cat_names[f])}
         return render_umap(
             self._frame,
-            self.color_by,
-            self._color_keys.get(self.color_by),
+            f,
+            key,
             x_range=x_range or self._data_range(0),
             y_range=y_range or self._data_range(1),
             width=width or self.width,
             height=height or self.height,
+            rows=rows,
         )
 
     def _selection_frame(self, x_range=None, y_range=None, width=None, height=None, **_: Any):
@@ -413,6 +493,12 @@ class Explorer(ExportMixin, LayoutMixin, param.Parameterized):
         if len(self._sel) > self.max_scatter:
             return hv.Points(self._frame.iloc[:0], kdims=["u", "v"], vdims=[])
         return hv.Points(self._frame.iloc[self._sel], kdims=["u", "v"], vdims=[])
+
+    def _active_point(self, **_: Any) -> hv.Points:
+        """The particle shown in the slice viewer (a thumbnail click / search), as a cross."""
+        pos = self.particles.obs.index.get_indexer([self.active]) if self.active else [-1]
+        rows = self._frame.iloc[[int(pos[0])]] if pos[0] >= 0 else self._frame.iloc[:0]
+        return hv.Points(rows, kdims=["u", "v"], vdims=[])
 
     def _data_range(self, axis: int) -> tuple[float, float]:
         return extent(self._uv[:, axis])
@@ -448,12 +534,19 @@ class Explorer(ExportMixin, LayoutMixin, param.Parameterized):
                 nonselection_alpha=1.0,
             )
         )
+        active = hv.DynamicMap(
+            self._active_point, streams=[hv.streams.Params(self, ["active", "data_version"])]
+        ).opts(
+            hv.opts.Points(
+                color="#ff9900", marker="x", size=18, line_width=3, tools=[], nonselection_alpha=1
+            )
+        )
         self._bounds = hv.streams.BoundsXY(source=dmap, bounds=(0, 0, 0, 0))
         self._lasso = hv.streams.Lasso(source=dmap)
         self._bounds.add_subscriber(self._on_bounds)
         self._lasso.add_subscriber(self._on_lasso)
         xr, yr = self._data_range(0), self._data_range(1)
-        plot = (dmap * sel * sel_pts).opts(
+        plot = (dmap * sel * sel_pts * active).opts(
             hv.opts.RGB(
                 frame_width=self.width,
                 frame_height=self.height,
@@ -477,12 +570,12 @@ class Explorer(ExportMixin, LayoutMixin, param.Parameterized):
         x0, y0, x1, y1 = bounds
         if x0 == x1 and y0 == y1:
             return
-        self.select_box(x0, y0, x1, y1)
+        self.select_box(x0, y0, x1, y1, add=self._append)
 
     def _on_lasso(self, geometry: Any = None, **_: Any) -> None:
         if geometry is None or len(geometry) < 3:
             return
-        self.select_lasso(np.asarray(geometry))
+        self.select_lasso(np.asarray(geometry), add=self._append)
 
 
 def explorer(
@@ -509,16 +602,25 @@ def explorer(
         z, y, x) when there are no stored subtomograms. A single tomogram is named after its
         ``.name`` (or ``"tomogram"``).
     color_by
-        Initial colouring: ``cluster``, ``species``, ``size_category`` or ``score``.
+        Initial colouring: any ``obs`` column (``cluster``, ``species``, ``size_category``,
+        ``score`` first); categories get stable colours (clusters: ``uns["cluster_colors"]``,
+        kept through renames, merges, splits and exclusions), numeric columns viridis.
     page_size
         Thumbnails per gallery page.
     **kwargs
         Passed to :class:`Explorer`: ``thumb_px`` (thumbnail edge, pixels), ``box``
-        (thumbnail box edge, voxels; default the stored subtomograms' or ``uns['box']`` or 32),
-        ``shapes`` (``{tomogram: (nz, ny, nx)}`` voxels, for RELION 5 export),
-        ``export_path``, ``overlays`` (``{tomogram name: {overlay name: label volume}}`` or an
-        ``xarray.Dataset`` per tomogram, drawn in the slice viewer), ``width``, ``height``
-        (UMAP plot size, pixels), ``max_scatter``.
+        (thumbnail / average box edge, voxels; default the stored subtomograms' or
+        ``uns['box']`` or 32), ``shapes`` (``{tomogram: (nz, ny, nx)}`` voxels, for RELION 5
+        export), ``export_path`` (default export file name), ``overlays`` (``{tomogram name:
+        {overlay name: label volume}}`` or an ``xarray.Dataset`` per tomogram, drawn in the
+        slice viewer), ``width``, ``height`` (UMAP plot size, pixels), ``max_scatter``,
+        ``working_copy`` (curate a copy, not ``particles`` itself; the server does this per
+        browser session), ``output_dir`` (the only folder the UI writes to; default the
+        working directory), ``autosave`` (rewrite ``output_dir/.autosave/session-*.parquet``
+        after every edit and offer to restore another session's), ``tomogram`` (shown first),
+        ``max_markers`` (slice-viewer markers per view, default 2000), ``order``
+        (``"centroid"``, ``"random"`` or ``"table"`` gallery order), ``seed``,
+        ``max_average`` (average preview: at most this many boxes, a seeded sample).
 
     Returns
     -------
@@ -529,7 +631,7 @@ def explorer(
     ------
     InputError
         No ``obsm['umap']``, not a Particles object, ``color_by`` not a column, overlays
-        naming unknown tomograms.
+        or ``tomogram`` naming unknown tomograms.
     """
     return Explorer(
         particles, tomograms=tomograms, color_by=color_by, page_size=page_size, **kwargs

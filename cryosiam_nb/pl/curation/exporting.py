@@ -15,12 +15,14 @@ from cryosiam_nb.particles import Particles
 
 __all__ = ["EXPORT_FORMATS"]
 
-#: Export menu label → (format name of :func:`cryosiam_nb.export.write`, default file suffix).
+#: Export menu label → (format name of :func:`cryosiam_nb.export.write`, default file name).
+#: Every format has its own default name, so switching format never overwrites another
+#: format's export.
 EXPORT_FORMATS: dict[str, tuple[str, str]] = {
-    "STAR (RELION 3/4 + Warp)": ("relion4", ".star"),
-    "STAR (RELION 5)": ("relion5", ".star"),
-    "CSV (Å)": ("csv", ".csv"),
-    "copick JSON": ("copick", ""),
+    "STAR (RELION 3/4 + Warp)": ("relion4", "selection.star"),
+    "STAR (RELION 5)": ("relion5", "selection_relion5.star"),
+    "CSV (Å)": ("csv", "selection.csv"),
+    "copick JSON": ("copick", "selection_copick"),
 }
 #: Columns the explorer keeps in STAR files (the particle ids make them traceable).
 _STAR_EXTRA: tuple[str, ...] = ("particle_id", "cluster", "species", "score")
@@ -37,7 +39,7 @@ class ExportMixin:
 
     def _export_table(
         self, scope: str, clusters: Sequence[str] | None, include_excluded: bool
-    ) -> pd.DataFrame:
+    ) -> tuple[pd.DataFrame, int]:
         obs = self.particles.obs
         if scope == "selection":
             pos = self._sel
@@ -52,13 +54,17 @@ class ExportMixin:
             raise InputError(
                 f"export scope must be 'selection', 'clusters' or 'all', got {scope!r}"
             )
+        n_skipped = 0
         if not include_excluded and "excluded" in obs.columns:
-            pos = pos[~obs["excluded"].to_numpy(dtype=bool)[pos]]
+            keep = ~obs["excluded"].to_numpy(dtype=bool)[pos]
+            n_skipped = int(len(pos) - keep.sum())
+            pos = pos[keep]
         if len(pos) == 0:
             raise InputError(
-                f"export: no particles to export (scope {scope!r}; excluded are skipped)"
+                f"export: no particles to export (scope {scope!r}; {n_skipped} excluded "
+                "particle(s) skipped)"
             )
-        return self.particles.selection_to_table(pos)
+        return self.particles.selection_to_table(pos), n_skipped
 
     def _shape_of(self, tomogram: str) -> tuple[int, int, int]:
         """(z, y, x) size in voxels of a tomogram: ``shapes=``, the tomogram, or ``uns``."""
@@ -81,6 +87,7 @@ class ExportMixin:
         scope: str = "selection",
         clusters: Sequence[str] | None = None,
         include_excluded: bool = False,
+        overwrite: bool = True,
     ) -> Path:
         """Write particle coordinates of the selection / chosen clusters / all particles.
 
@@ -100,32 +107,45 @@ class ExportMixin:
         clusters
             Cluster names for ``scope="clusters"``.
         include_excluded
-            Also write particles flagged as excluded (skipped by default).
+            Also write particles flagged as excluded (skipped by default; the status line
+            says how many were skipped).
+        overwrite
+            Replace an existing file; ``False`` raises ``FileExistsError`` (the UI's default).
 
         Returns
         -------
         pathlib.Path
             The path written. STAR/CSV files carry the particle ids
-            (``cryosiamNbParticle_id`` / ``particle_id``).
+            (``cryosiamNbParticle_id`` / ``particle_id``); copick writes one pickable object
+            per cluster (``cluster-<name>``).
         """
         key = EXPORT_FORMATS[fmt][0] if fmt in EXPORT_FORMATS else _export.format_of(path, fmt)
-        df = self._export_table(scope, clusters, include_excluded)
-        opts: dict[str, object] = {}
+        df, n_skipped = self._export_table(scope, clusters, include_excluded)
+        opts: dict[str, object] = {"overwrite": bool(overwrite)}
         if key in ("relion4", "relion5"):
             opts["extra"] = _STAR_EXTRA
         if key == "relion5":
             names = df["tomogram"].astype(str).unique()
             opts["tomogram_shape"] = {t: self._shape_of(t) for t in names}
+        if key == "copick" and "cluster" in df.columns:
+            opts["object_name"] = "cluster"
         out = _export.write(df, path, format=key, **opts)
+        skipped = f"; skipped {n_skipped} excluded particle(s)" if n_skipped else ""
         if key == "copick":
             n_runs = df["tomogram"].astype(str).nunique()
-            self.status = f"exported {len(df)} particle(s) to {n_runs} copick file(s) in {out}"
+            self.status = (
+                f"exported {len(df)} particle(s) to {n_runs} copick run(s) in {out}{skipped}"
+            )
         else:
-            self.status = f"exported {len(df)} particle(s) to {out}"
+            self.status = f"exported {len(df)} particle(s) to {out}{skipped}"
         return out
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Save the curated Particles (zarr store, written atomically); returns its path."""
+        """Save the curated Particles (zarr store, written atomically); returns its path.
+
+        The session's autosave file is removed: the saved store now holds its edits.
+        """
         out = self.particles.save(path)
+        self._forget_autosave()
         self.status = f"saved {len(self.particles)} particle(s) to {out}"
         return Path(out)

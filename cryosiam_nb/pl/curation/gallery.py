@@ -1,11 +1,15 @@
-"""The paged thumbnail grid of the explorer: a Panel ``JSComponent`` (ESM render + CSS)."""
+"""The explorer's browser-side components (Panel ``JSComponent``: ESM render + CSS).
+
+:class:`Gallery` (the paged thumbnail grid), :class:`Legend` (clickable colour legend) and
+:class:`Keys` (keyboard shortcuts and the Shift state of box / lasso drags).
+"""
 
 from __future__ import annotations
 
 import panel as pn
 import param
 
-__all__ = ["Gallery"]
+__all__ = ["Gallery", "Legend", "Keys"]
 
 
 class Gallery(pn.custom.JSComponent):
@@ -90,3 +94,136 @@ class Gallery(pn.custom.JSComponent):
             # Re-fire even when the same tile is clicked twice.
             self.param.update(clicked="")
             self.clicked = pid
+
+
+class Legend(pn.custom.JSComponent):
+    """Colour legend; each row is ``div.cs-legend-item[data-category=<name>]``.
+
+    A click on a row sends ``{"select": name, "add": shift}``, a click on its eye toggles
+    ``{"hide": name}``; :attr:`event` receives them (a Python-side dict).
+    """
+
+    title = param.String(default="")
+    items = param.List(default=[], doc="dicts name, color, count, note, hidden")
+    note = param.String(default="", doc="text below the title (numeric fields: the range)")
+    event = param.Dict(
+        default={}, doc="last click: {'select': name, 'add': bool} or {'hide': name}"
+    )
+
+    _esm = """
+    export function render({ model, el }) {
+      const box = document.createElement("div");
+      box.className = "cs-legend";
+      el.appendChild(box);
+      function draw() {
+        box.innerHTML = "";
+        const t = document.createElement("b");
+        t.textContent = model.title;
+        box.appendChild(t);
+        if (model.note) {
+          const n = document.createElement("div");
+          n.className = "cs-legend-note";
+          n.textContent = model.note;
+          box.appendChild(n);
+        }
+        for (const it of model.items) {
+          const row = document.createElement("div");
+          row.className = "cs-legend-item" + (it.hidden ? " cs-hidden" : "");
+          row.dataset.category = it.name;
+          const eye = document.createElement("span");
+          eye.className = "cs-legend-eye";
+          eye.textContent = it.hidden ? "○" : "●";
+          eye.style.color = it.color;
+          eye.title = "show / hide";
+          eye.addEventListener("click", (e) => {
+            e.stopPropagation();
+            model.send_msg({ hide: it.name });
+          });
+          row.appendChild(eye);
+          const name = document.createElement("span");
+          name.className = "cs-legend-name";
+          name.textContent = " " + it.name + " ";
+          row.appendChild(name);
+          const c = document.createElement("span");
+          c.className = "cs-legend-count";
+          c.dataset.n = String(it.count);
+          c.textContent = "(" + it.count + ")";
+          row.appendChild(c);
+          if (it.note) {
+            const i = document.createElement("i");
+            i.textContent = " " + it.note;
+            row.appendChild(i);
+          }
+          row.title = "click: select this cluster (Shift: add to the selection)";
+          row.addEventListener("click", (e) => model.send_msg({ select: it.name, add: e.shiftKey }));
+          box.appendChild(row);
+        }
+      }
+      model.on("items", draw);
+      model.on("title", draw);
+      model.on("note", draw);
+      draw();
+    }
+    """
+
+    _stylesheets = [
+        """
+        .cs-legend { font: 12px sans-serif; }
+        .cs-legend-note { color: #666; }
+        .cs-legend-item { cursor: pointer; padding: 1px 2px; border-radius: 3px; }
+        .cs-legend-item:hover { background: #eef3ff; }
+        .cs-legend-item.cs-hidden { color: #aaa; }
+        .cs-legend-eye { font-size: 14px; }
+        .cs-legend-count { color: #888; }
+        """
+    ]
+
+    def _handle_msg(self, msg: dict[str, object] | object) -> None:
+        if isinstance(msg, dict) and ("select" in msg or "hide" in msg):
+            self.param.update(event={})
+            self.event = {k: msg[k] for k in ("select", "add", "hide") if k in msg}
+
+
+class Keys(pn.custom.JSComponent):
+    """Keyboard shortcuts (outside text fields) and the Shift state of pointer drags.
+
+    Sends ``{"shift": bool}`` on every pointer press (before a box / lasso drag reaches the
+    server, so Shift-drag adds to the selection) and ``{"key": k}`` for the shortcut keys
+    ``e`` (exclude), ``i`` (include), ``u`` / Ctrl+Z (undo), ``n`` / → (next page),
+    ``p`` / ← (previous page), ``Escape`` (clear the selection).
+    """
+
+    shift = param.Boolean(default=False)
+    key = param.String(default="", doc="last shortcut key pressed")
+
+    _esm = """
+    export function render({ model, el }) {
+      el.style.display = "none";
+      const keys = new Set(["e", "i", "u", "n", "p", "ArrowRight", "ArrowLeft", "Escape"]);
+      const onPointer = (e) => model.send_msg({ shift: e.shiftKey });
+      const onKey = (e) => {
+        const t = e.composedPath()[0];
+        const tag = (t && t.tagName) || "";
+        if (["INPUT", "TEXTAREA", "SELECT"].includes(tag) || (t && t.isContentEditable)) return;
+        let k = e.key;
+        if ((e.ctrlKey || e.metaKey) && k.toLowerCase() === "z") k = "u";
+        else if (e.ctrlKey || e.metaKey || e.altKey) return;
+        if (keys.has(k)) { model.send_msg({ key: k }); }
+      };
+      document.addEventListener("pointerdown", onPointer, true);
+      document.addEventListener("keydown", onKey, true);
+      model.on("remove", () => {
+        document.removeEventListener("pointerdown", onPointer, true);
+        document.removeEventListener("keydown", onKey, true);
+      });
+    }
+    """
+
+    def _handle_msg(self, msg: dict[str, object] | object) -> None:
+        if not isinstance(msg, dict):
+            return
+        if "shift" in msg:
+            self.shift = bool(msg["shift"])
+        if msg.get("key"):
+            self.param.update(key="")
+            self.key = str(msg["key"])

@@ -1,0 +1,338 @@
+"""Held-out quality of the multi-task model against the separate tiny models and the thesis.
+
+Held-out tomograms: tilt-series simulations (``mode="tilt"``) at 10 Å of the ``general``
+and ``transcription`` samples, 96×192×192 voxels plus a thicker 128×192×192 one, seeds
+:data:`TEST_SEEDS` — disjoint from every seed the recipe uses (2024…, 3024…, 5000…5023,
+5900…) — with the simulator's default imaging (not the recipe's drawn ranges).
+
+Tables:
+
+1. **Quality** per model set (``tiny-multitask``: one ``tl.predict`` pass for all heads;
+   ``separate``: ``tiny-denoise``/``-lamella``/``-semantic``/``-instance``): semantic Dice
+   over all present classes (background included, as the thesis' "all classes") and per
+   class, instance AP-50/AP-70, picking recall/F1 of particles under 150 voxels and of all
+   (centroids within :data:`RADIUS` voxels), denoise PSNR/SSIM against the clean volume,
+   lamella Dice of ``tl.lamella_mask`` against the true slab, and the dense pipeline's
+   time per voxel (predictions only).
+2. **Robustness** of ``tiny-multitask`` on variants of the first held-out tomogram:
+   another voxel size (14 Å simulated, ``pp.rescale`` to 10 Å), thicker sample, lower dose
+   (40 e⁻/Å²), and raw-contrast input through ``pp.normalize(invert=True)``.
+
+    python benchmarks/bench_multitask.py            # 3 held-out tomograms + robustness
+    python benchmarks/bench_multitask.py --quick    # one 64×128×128 tomogram
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path[:0] = [str(HERE), str(REPO)]
+from _common import emit  # noqa: E402
+
+TEST_SEEDS = (9101, 9102, 9103)
+RADIUS = 4.0  # voxels (40 Å at 10 Å/voxel)
+THESIS = {"semantic_all": 0.635, "ap50": 0.229}
+SMALL = 150  # voxels: "particles under 150 voxels"
+
+
+def held_out(quick: bool) -> list[tuple[str, object]]:
+    """(name, Simulation) of the held-out set."""
+    from cryosiam_nb import sim
+
+    if quick:
+        specs = [("general 64×128×128", (64, 128, 128), "general", TEST_SEEDS[0], {})]
+    else:
+        specs = [
+            ("general 96×192×192", (96, 192, 192), "general", TEST_SEEDS[0], {}),
+            ("transcription 96×192×192", (96, 192, 192), "transcription", TEST_SEEDS[1], {}),
+            ("general thick 128×192×192", (128, 192, 192), "general", TEST_SEEDS[2], {}),
+        ]
+    out = []
+    for name, shape, sample, seed, kw in specs:
+        s = sim.simulate(
+            shape,
+            voxel_size=10.0,
+            sample=sample,
+            seed=seed,
+            mode="tilt",
+            progress=False,
+            keep_tilt_series=False,
+            **kw,
+        )
+        out.append((name, s))
+    return out
+
+
+def _centres(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    from scipy import ndimage
+
+    ids, counts = np.unique(lab[lab > 0], return_counts=True)
+    if not len(ids):
+        return np.zeros((0, 3)), np.zeros(0)
+    return np.array(ndimage.center_of_mass(lab > 0, lab, ids)), counts
+
+
+def dense(data, model_set: dict) -> tuple[dict, float]:
+    """Denoised, lamella mask, semantic labels, instance labels; and the prediction seconds."""
+    from cryosiam_nb import tl
+
+    t0 = time.perf_counter()
+    if "multitask" in model_set:
+        ds = tl.predict(data, model_set["multitask"]).compute()
+        t_pred = time.perf_counter() - t0
+        den, lam_in, sem, inst = ds["denoised"], ds, ds["semantic_labels"], ds
+    else:
+        den = tl.predict(data, model_set["denoise"])["denoised"].compute()
+        lam_in = tl.predict(data, model_set["lamella"]).compute()
+        sem = tl.predict(data, model_set["semantic"])["labels"].compute()
+        inst = tl.predict(data, model_set["instance"]).compute()
+        t_pred = time.perf_counter() - t0
+    lamella = tl.lamella_mask(lam_in, progress=False).compute()
+    # the multi-task model's card carries settings tuned on validation tomograms
+    mt = model_set.get("multitask")
+    tuned = dict(mt.metadata.get("instance_defaults", {})) if mt is not None else {}
+    labels = tl.instances(inst, progress=False, **tuned)
+    return {
+        "denoised": den.values,
+        "lamella": lamella.values,
+        "semantic": sem.values,
+        "instances": np.asarray(labels.values),
+    }, t_pred
+
+
+def score(out: dict, truth) -> dict[str, float]:
+    from cryosiam_nb import metrics
+    from cryosiam_nb.constants import SEMANTIC_CLASSES
+
+    v = truth.volumes
+    gt_sem = v["semantic"].values.astype(np.int64)
+    present = [int(c) for c in np.unique(gt_sem)]
+    d = metrics.dice(
+        out["semantic"].astype(np.int64), gt_sem, classes={c: SEMANTIC_CLASSES[c] for c in present}
+    )
+    r: dict[str, float] = {
+        "semantic_all": float(np.mean([d[SEMANTIC_CLASSES[c]] for c in present]))
+    }
+    r.update({f"dice_{k}": float(x) for k, x in d.items() if k != "mean"})
+    gt = v["instances"].values
+    ap = metrics.average_precision(out["instances"], gt, thresholds=[0.5, 0.7])
+    r["ap50"], r["ap70"] = float(ap["AP50"]), float(ap["AP70"])
+    pc, _ = _centres(out["instances"])
+    tc, tsize = _centres(gt)
+    for tag, keep in (("small", tsize < SMALL), ("all", np.ones(len(tc), bool))):
+        if keep.sum() == 0 or len(pc) == 0:
+            r[f"recall_{tag}"] = r[f"f1_{tag}"] = 0.0
+            continue
+        p = metrics.picking_scores(pc, tc[keep], radius=RADIUS)
+        r[f"recall_{tag}"], r[f"f1_{tag}"] = float(p["recall"]), float(p["f1"])
+        if tag == "small":  # precision against small particles only: a prediction matched
+            # to a big particle is not a false positive of the small ones
+            pall = metrics.picking_scores(pc, tc, radius=RADIUS)
+            m = pall["matches"]
+            tp = int(keep[m[:, 1]].sum()) if len(m) else 0
+            fp = int(len(pc) - len(m))
+            prec = tp / max(tp + fp, 1)
+            rec = tp / max(int(keep.sum()), 1)
+            r["f1_small"] = 2 * prec * rec / max(prec + rec, 1e-9)
+            r["recall_small"] = rec
+    clean = (v["clean"].values - v["clean"].values.min()) / np.ptp(v["clean"].values)
+    r["psnr"] = metrics.psnr(out["denoised"], clean, data_range=1.0)
+    r["ssim"] = metrics.ssim(out["denoised"], clean, data_range=1.0)
+    r["lamella_dice"] = float(
+        metrics.dice(out["lamella"].astype(np.int64), v["lamella"].values.astype(np.int64), [1])[
+            "mean"
+        ]
+    )
+    return r
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="one 64×128×128 tomogram")
+    ap.add_argument("--weights", help="folder with tiny-<task>.pt (default: shipped models)")
+    ap.add_argument("--no-robustness", action="store_true")
+    args = ap.parse_args(argv)
+    from cryosiam_nb import models, pp, sim
+
+    def load(task):
+        src = (
+            f"tiny-{task}" if args.weights is None else str(Path(args.weights) / f"tiny-{task}.pt")
+        )
+        return models.load(src)
+
+    sets = {"tiny-multitask (one pass)": {"multitask": load("multitask")}}
+    sets["separate tiny models"] = {
+        t: models.load(f"tiny-{t}") for t in ("denoise", "lamella", "semantic", "instance")
+    }
+    tomos = held_out(args.quick)
+    rows = []
+    for tname, s in tomos:
+        data = pp.normalize(s.volumes["noisy"].assign_attrs(voxel_size=10.0), invert=False)
+        data = data.persist()
+        for sname, ms in sets.items():
+            out, secs = dense(data, ms)
+            r = score(out, s)
+            r["µs/voxel"] = 1e6 * secs / data.size
+            rows.append({"tomogram": tname, "models": sname, **r})
+            print(tname, sname, {k: round(v, 3) for k, v in r.items()}, flush=True)
+    df = pd.DataFrame(rows)
+    mean = df.groupby("models", sort=False).mean(numeric_only=True).reset_index()
+    mean.insert(0, "tomogram", "mean")
+    table = pd.concat([df, mean], ignore_index=True)
+    cols = [
+        "tomogram",
+        "models",
+        "semantic_all",
+        "dice_membrane",
+        "dice_microtubule",
+        "dice_particle",
+        "dice_actin",
+        "dice_dna",
+        "ap50",
+        "ap70",
+        "recall_small",
+        "f1_small",
+        "recall_all",
+        "f1_all",
+        "psnr",
+        "ssim",
+        "lamella_dice",
+        "µs/voxel",
+    ]
+    table = table[[c for c in cols if c in table.columns]].round(3)
+    emit(
+        table,
+        "multitask_quality",
+        f"Held-out quality (tilt series, 10 Å, seeds {TEST_SEEDS}); thesis noisy: semantic "
+        f"all classes {THESIS['semantic_all']}, AP-50 {THESIS['ap50']}",
+    )
+    if args.no_robustness:
+        return
+    base_shape = (64, 128, 128) if args.quick else (96, 192, 192)
+    seed = TEST_SEEDS[0]
+    mt = sets["tiny-multitask (one pass)"]
+    variants = []
+    s14 = sim.simulate(
+        tuple(int(round(x * 10 / 14)) for x in base_shape),
+        voxel_size=14.0,
+        sample="general",
+        seed=seed,
+        mode="tilt",
+        progress=False,
+        keep_tilt_series=False,
+    )
+    variants.append(("14 Å, rescaled to 10 Å", s14, "rescale"))
+    thick = sim.simulate(
+        (base_shape[0] + 32, *base_shape[1:]),
+        voxel_size=10.0,
+        sample="general",
+        seed=seed,
+        mode="tilt",
+        progress=False,
+        thickness_nm=0.9 * (base_shape[0] + 32),
+        keep_tilt_series=False,
+    )
+    variants.append(("thicker sample (90 % of the volume)", thick, "noisy"))
+    low = sim.simulate(
+        base_shape,
+        voxel_size=10.0,
+        sample="general",
+        seed=seed,
+        mode="tilt",
+        progress=False,
+        dose=40.0,
+        keep_tilt_series=False,
+    )
+    variants.append(("lower dose (40 e/Å²)", low, "noisy"))
+    variants.append(("raw contrast + normalize(invert=True)", tomos[0][1], "raw"))
+    rrows = []
+    for vname, s, how in variants:
+        if how == "raw":
+            data = pp.normalize(s.raw_noisy.assign_attrs(voxel_size=10.0), invert=True)
+            truth = s
+        elif how == "rescale":
+            data = pp.normalize(s.volumes["noisy"].assign_attrs(voxel_size=14.0), invert=False)
+            data = pp.rescale(data, 10.0)
+            truth = _truth_on(s, data.shape)
+        else:
+            data = pp.normalize(s.volumes["noisy"].assign_attrs(voxel_size=10.0), invert=False)
+            truth = s
+        out, _ = dense(data.persist(), mt)
+        r = score(out, truth)
+        rrows.append(
+            {
+                "variant": vname,
+                **{
+                    k: r[k]
+                    for k in (
+                        "semantic_all",
+                        "dice_membrane",
+                        "ap50",
+                        "f1_small",
+                        "f1_all",
+                        "psnr",
+                        "lamella_dice",
+                    )
+                },
+            }
+        )
+        print(vname, rrows[-1], flush=True)
+    emit(
+        pd.DataFrame(rrows).round(3),
+        "multitask_robustness",
+        "tiny-multitask robustness (variants of the first held-out tomogram)",
+    )
+
+
+def flop_per_voxel(model, patch: int = 32) -> float:
+    """Forward FLOP per output voxel of ``model`` on one ``patch``³ window."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, 1, patch, patch, patch)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model.eval()(x)
+    return fc.get_total_flops() / patch**3
+
+
+def _truth_on(s, shape):
+    """The simulation's truth volumes resampled (nearest / linear) onto ``shape``."""
+    from scipy import ndimage
+
+    class _T:
+        pass
+
+    t = _T()
+    vols = {}
+    for k in ("semantic", "instances", "lamella", "clean"):
+        a = s.volumes[k].values
+        zoom = [n / o for n, o in zip(shape, a.shape)]
+        vols[k] = _Var(
+            ndimage.zoom(
+                a,
+                zoom,
+                order=1 if k == "clean" else 0,
+                grid_mode=True,
+                mode="nearest",
+                prefilter=False,
+            )
+        )
+    t.volumes = vols
+    return t
+
+
+class _Var:
+    def __init__(self, a):
+        self.values = a
+
+
+if __name__ == "__main__":
+    main()

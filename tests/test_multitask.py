@@ -1,0 +1,200 @@
+"""The multi-task model: one backbone pass for every head, its training and its outputs."""
+
+from __future__ import annotations
+
+import dask
+import numpy as np
+import pytest
+import torch
+
+from cryosiam_nb import models, tl
+from cryosiam_nb.constants import HEAD_TASKS
+from cryosiam_nb.inference import lamella_mask, outputs_of, postprocess_semantic, predict
+from cryosiam_nb.training.data import PatchDataset, Tomogram
+from cryosiam_nb.training.multitask import (
+    multitask_loss,
+    train_multitask,
+    varied_training_set,
+)
+
+
+def _model(seed: int = 0, task: str = "multitask") -> models.CryoSiamModel:
+    torch.manual_seed(seed)
+    return models.build(task, "tiny", patch_size=16).eval()
+
+
+def _vol(shape=(24, 40, 40), seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).random(shape, dtype=np.float32)
+
+
+def _count_backbone(model):
+    calls = {"n": 0}
+
+    def hook(*_):
+        calls["n"] += 1
+
+    model.backbone.register_forward_hook(hook)
+    return calls
+
+
+def test_multitask_model_has_every_head_and_survives_save_load(tmp_path):
+    m = _model()
+    out = m(torch.zeros(2, 1, 16, 16, 16))
+    prefixes = {k.split("/")[0] for k in out}
+    assert prefixes == set(HEAD_TASKS)
+    assert out["semantic/logits"].shape == (2, 6, 16, 16, 16)
+    assert out["lamella/logits"].shape == (2, 2, 16, 16, 16)
+    assert m.part_classes["lamella"] == ("outside", "sample")
+    path = models.save(m, tmp_path / "mt.pt")
+    m2 = models.load(path)
+    x = torch.rand(1, 1, 16, 16, 16)
+    a, b = m(x), m2.eval()(x)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_one_backbone_pass_gives_all_outputs():
+    m = _model()
+    calls = _count_backbone(m)
+    ds = predict(_vol(), m, batch_size=1)
+    n0 = calls["n"]  # predict is lazy (one dry run at most)
+    dask.compute(*[ds[v] for v in ds.data_vars])
+    single = _model(task="semantic")
+    calls1 = _count_backbone(single)
+    ds1 = predict(_vol(), single, batch_size=1)
+    n1 = calls1["n"]
+    dask.compute(ds1["labels"])
+    # every head of every task from the same windows as one single-task model
+    assert calls["n"] - n0 == calls1["n"] - n1 > 0
+    assert {"denoised", "semantic_labels", "lamella_labels", "instance_foreground"} <= set(
+        ds.data_vars
+    )
+    for v in ds.data_vars:
+        assert ds[v].attrs["voxel_size"] == ds.attrs["voxel_size"]
+
+
+def test_outputs_of_gives_single_task_names_and_consumers_accept_multitask():
+    m = _model()
+    ds = predict(_vol(), m).compute()
+    sem = outputs_of(ds, "semantic")
+    assert set(sem.data_vars) == {"probabilities", "labels", "distance"}
+    assert list(sem.coords["class"].values) == list(m.class_names)
+    np.testing.assert_array_equal(sem["labels"].values, ds["semantic_labels"].values)
+    assert outputs_of(ds, "instance").attrs["task"] == "instance"
+    # the post-processing tools take the multi-task Dataset as it is
+    a = lamella_mask(ds, progress=False).compute().values
+    b = lamella_mask(outputs_of(ds, "lamella")["probabilities"], progress=False).compute()
+    np.testing.assert_array_equal(a, b.values)
+    a = postprocess_semantic(ds).compute().values
+    np.testing.assert_array_equal(a, postprocess_semantic(sem).compute().values)
+    la = tl.instances(ds, progress=False).values
+    lb = tl.instances(outputs_of(ds, "instance"), progress=False).values
+    np.testing.assert_array_equal(la, lb)
+    with pytest.raises(ValueError, match="no 'dense_ssl' outputs"):
+        outputs_of(ds, "dense_ssl")
+
+
+def test_models_sharing_a_backbone_run_in_one_pass_and_others_are_refused():
+    sem, inst = _model(1, "semantic"), _model(2, "instance")
+    inst.backbone.load_state_dict(sem.backbone.state_dict())
+    vol = _vol()
+    both = predict(vol, [sem, inst]).compute()
+    alone = predict(vol, inst).compute()
+    np.testing.assert_allclose(
+        both["instance_foreground"].values, alone["foreground"].values, atol=1e-5
+    )
+    np.testing.assert_array_equal(
+        both["semantic_labels"].values, predict(vol, sem)["labels"].values
+    )
+    other = _model(3, "denoise")
+    with pytest.raises(ValueError, match="different backbone weights"):
+        predict(vol, [sem, other])
+
+
+def _batch(shape=(2, 1, 16, 16, 16), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    img = torch.rand(shape, generator=g)
+    lab = (img > 0.7).long()
+    return {
+        "image": img,
+        "clean": img,
+        "lamella": (img > 0.2).long(),
+        "semantic": lab * 3,
+        "instances": lab,
+    }
+
+
+def test_multitask_loss_trains_every_head_and_weights_select_tasks():
+    m = _model().train()
+    batch = _batch()
+    loss, logs = multitask_loss(m(batch["image"]), batch)
+    loss.backward()
+    for t in HEAD_TASKS:
+        g = [p.grad for p in getattr(m.heads, t).parameters()]
+        assert all(x is not None and float(x.abs().sum()) > 0 for x in g), t
+        assert f"loss_{t}" in logs
+    m.zero_grad()
+    loss, logs = multitask_loss(m(batch["image"]), batch, weights={"denoise": 0.0})
+    loss.backward()
+    assert "loss_denoise" not in logs
+    assert all(
+        p.grad is None or float(p.grad.abs().sum()) == 0 for p in m.heads.denoise.parameters()
+    )
+
+
+def test_balanced_patches_see_rare_classes_more_often():
+    rng = np.random.default_rng(0)
+    lab = np.zeros((32, 64, 64), np.int64)
+    lab[:, :, :32] = 1  # a common class
+    lab[10:14, 30:34, 50:54] = 5  # a rare one (64 voxels)
+    t = Tomogram("t", rng.random(lab.shape, dtype=np.float32), {"semantic": lab})
+
+    def share(balance: bool) -> float:
+        ds = PatchDataset(
+            [t],
+            8,
+            200,
+            keys=["semantic"],
+            seed=1,
+            foreground_key="semantic",
+            foreground_fraction=1.0,
+            balance=balance,
+        )
+        return float(np.mean([(ds[i]["semantic"] == 5).any().item() for i in range(200)]))
+
+    assert share(True) > 0.35
+    assert share(True) > 3 * share(False)
+
+
+def test_varied_training_set_and_a_short_joint_training(tmp_path):
+    tomos = varied_training_set(3, (24, 40, 40), seed=11, mode="fast", progress=False)
+    assert len({t.name for t in tomos}) == 3
+    for t in tomos:
+        assert t.image.shape == (24, 40, 40) and t.voxel_size == 10.0
+        for k in ("clean", "semantic", "instances", "lamella"):
+            assert t.labels[k].shape == t.image.shape
+        assert np.issubdtype(t.labels["semantic"].dtype, np.integer)
+    model, hist = train_multitask(
+        tomos[:2],
+        val_data=tomos[2:],
+        epochs=1,
+        samples_per_epoch=4,
+        batch_size=2,
+        patch_size=16,
+        out=tmp_path / "mt.pt",
+        progress=False,
+    )
+    assert {"loss_denoise", "loss_lamella", "loss_semantic", "loss_instance"} <= set(hist.columns)
+    assert "val_semantic_dice_mean" in hist.columns and "val_lamella_dice" in hist.columns
+    loaded = models.load(tmp_path / "mt.pt")
+    assert loaded.task == "multitask" and loaded.metadata["training"]["kind"] == "multitask"
+
+
+def test_instance_defaults_are_tuned_on_validation_tomograms_over_the_grid():
+    from cryosiam_nb.training.multitask import tune_instance_defaults
+
+    tomos = varied_training_set(1, (24, 40, 40), seed=21, mode="fast", progress=False)
+    grid = {"threshold_foreground": (0.3, 0.5), "boundary_bias": (0.5,)}
+    best, table = tune_instance_defaults(_model(), tomos, grid=grid, progress=False)
+    assert set(best) == set(grid) and best["threshold_foreground"] in (0.3, 0.5)
+    assert len(table) == 2 and {"ap50", "f1_small", "score"} <= set(table.columns)
+    assert table["score"].is_monotonic_decreasing

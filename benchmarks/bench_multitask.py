@@ -109,7 +109,7 @@ def dense(data, model_set: dict) -> tuple[dict, float]:
 
 
 def score(out: dict, truth) -> dict[str, float]:
-    from cryosiam_nb import metrics
+    from cryosiam_nb import metrics, pp
     from cryosiam_nb.constants import SEMANTIC_CLASSES
 
     v = truth.volumes
@@ -143,7 +143,8 @@ def score(out: dict, truth) -> dict[str, float]:
             rec = tp / max(int(keep.sum()), 1)
             r["f1_small"] = 2 * prec * rec / max(prec + rec, 1e-9)
             r["recall_small"] = rec
-    clean = (v["clean"].values - v["clean"].values.min()) / np.ptp(v["clean"].values)
+    # the clean volume normalised like every input (0.1/99.9 % clip → [0, 1])
+    clean = np.asarray(pp.normalize(np.asarray(v["clean"].values, np.float32), invert=False))
     r["psnr"] = metrics.psnr(out["denoised"], clean, data_range=1.0)
     r["ssim"] = metrics.ssim(out["denoised"], clean, data_range=1.0)
     r["lamella_dice"] = float(

@@ -85,9 +85,13 @@ def _card(path: Path, model: Any, mc: dict[str, Any], command: str, metrics: dic
         f"- Stage 2 (all weights continue): `{json.dumps(mc.get('stage2', {}))}` — "
         "the same generator with the noise set by a projection SNR drawn log-uniformly in "
         "`snr_range`; validation adds its own held-out seeds",
-        f"- Steps: {tr.get('steps')} × batch {tr.get('batch_size')} patches of "
-        f"{tuple(model.patch_size)} voxels ({tr.get('epochs')} epochs), AdamW one-cycle, "
-        f"lr {tr.get('lr')}, class-balanced patches ({tr.get('foreground_fraction')})",
+        *[
+            f"- {name}steps: {t.get('steps')} × batch {t.get('batch_size')} patches of "
+            f"{tuple(model.patch_size)} voxels ({t.get('epochs')} epochs), AdamW one-cycle, "
+            f"lr {t.get('lr')}, class-balanced patches ({t.get('foreground_fraction')})"
+            for name, t in (("Stage 1 ", md.get("stage1")), ("Stage 2 ", tr))
+            if t
+        ],
         f"- Loss weights: {tr.get('loss_weights')}",
         f"- Training time: {md.get('train_seconds', 0) / 60:.0f} min on "
         f"{md.get('train_threads', '?')} CPU thread(s)",

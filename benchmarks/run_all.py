@@ -41,6 +41,11 @@ from _common import RESULTS, machine  # noqa: E402
 
 #: script → reason: left out of the CI quick run (``--ci``) because it is too slow there.
 CI_EXCLUDE: dict[str, str] = {
+    "bench_multitask.py": (
+        "quick mode simulates a tilt-series tomogram and runs both model sets plus four "
+        "robustness variants (several minutes on 2 cores); tests/test_multitask.py covers "
+        "the code; run it with `run_all.py --quick --only multitask`"
+    ),
     "bench_particles.py": (
         "quick mode 200 s wall / 104 s CPU on the shared 2-core machine (2026-11-24), about a "
         "quarter of the whole quick run; run it with `run_all.py --quick --only particles`"

@@ -29,3 +29,32 @@ def write_mrc(tmp_path):
         return path
 
     return _write
+
+
+#: Chromium for the browser tests (``scripts/install_browser.sh``; override the path with
+#: ``CRYOSIAM_NB_CHROMIUM``)
+CHROMIUM = os.environ.get("CRYOSIAM_NB_CHROMIUM", "/usr/bin/chromium")
+LAUNCH_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def chromium_browser():
+    """A headless Chromium (playwright); skips when playwright or Chromium is missing."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
+        pytest.skip(
+            f"Chromium not found at {CHROMIUM}: run scripts/install_browser.sh as root "
+            "(apt-get install chromium) or set CRYOSIAM_NB_CHROMIUM"
+        )
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS, headless=True)
+        yield b
+        b.close()

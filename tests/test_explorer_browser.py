@@ -6,7 +6,6 @@ are skipped with the reason. The screenshot goes to ``test-artifacts/explorer.pn
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from pathlib import Path
@@ -14,17 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-CHROMIUM = os.environ.get("CRYOSIAM_NB_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
-LAUNCH_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -57,20 +46,6 @@ def _wait(cond, timeout: float = 30.0, what: str = "condition") -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-@pytest.fixture(scope="module")
-def chromium_browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
-        pytest.skip(
-            f"Chromium not found at {CHROMIUM}: run scripts/install_browser.sh as root "
-            "(apt-get install chromium) or set CRYOSIAM_NB_CHROMIUM"
-        )
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS, headless=True)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")

@@ -30,8 +30,6 @@ from cryosiam_nb._nbrun import fast_client
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "05_embeddings_and_cluster_curation.ipynb"
 SCREENSHOT = ROOT / "docs" / "img" / "jupyterlab_explorer.png"
-CHROMIUM = os.environ.get("CRYOSIAM_NB_CHROMIUM", "/usr/bin/chromium")
-LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync"]
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -80,20 +78,6 @@ def _settings(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "overrides.json").write_text(json.dumps(overrides))
     return folder
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
-        pytest.skip(
-            f"Chromium not found at {CHROMIUM}: run scripts/install_browser.sh as root "
-            "(apt-get install chromium) or set CRYOSIAM_NB_CHROMIUM"
-        )
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS, headless=True)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")
@@ -155,11 +139,11 @@ def test_lab_refuses_requests_without_the_token(lab):
     assert err.value.code == 403
 
 
-def test_notebook_05_runs_in_jupyterlab_and_the_explorer_renders_inline(browser, lab):
+def test_notebook_05_runs_in_jupyterlab_and_the_explorer_renders_inline(chromium_browser, lab):
     from playwright.sync_api import expect
 
     url, token, work = lab
-    page = browser.new_page(viewport={"width": 1500, "height": 1100})
+    page = chromium_browser.new_page(viewport={"width": 1500, "height": 1100})
     js_errors: list[str] = []
     page.on("pageerror", lambda exc: js_errors.append(str(exc)))
     page.goto(f"{url}/lab/tree/{NOTEBOOK.name}?token={token}", timeout=120_000)

@@ -10,8 +10,11 @@ import torch
 from cryosiam_nb import models, tl
 from cryosiam_nb.constants import HEAD_TASKS
 from cryosiam_nb.inference import lamella_mask, outputs_of, postprocess_semantic, predict
+from cryosiam_nb.io import InputError
+from cryosiam_nb.models.losses import SemanticLoss
 from cryosiam_nb.training.data import PatchDataset, Tomogram
 from cryosiam_nb.training.multitask import (
+    class_weights_of,
     multitask_loss,
     train_multitask,
     varied_training_set,
@@ -165,6 +168,25 @@ def test_balanced_patches_see_rare_classes_more_often():
     assert share(True) > 3 * share(False)
 
 
+def test_class_weights_lift_rare_classes_and_weight_the_ce_term():
+    lab = np.zeros((20, 20, 20), np.int64)
+    lab[:10] = 1  # half the voxels
+    lab[0, 0, :8] = 2  # 8 voxels: rare
+    t = Tomogram("t", np.zeros(lab.shape, np.float32), {"semantic": lab})
+    w = class_weights_of([t], 4)
+    assert w[0] == pytest.approx(1.0, abs=0.01) and w[1] == pytest.approx(1.0, abs=0.01)
+    assert w[2] == 10.0  # (8 / 3992) ** -0.5 ≈ 22 → clipped
+    assert w[3] == 1.0  # absent
+    torch.manual_seed(0)
+    logits = torch.randn(1, 4, 20, 20, 20)
+    target = torch.from_numpy(lab)[None]
+    plain = SemanticLoss(4, distance_weight=0)({"logits": logits}, target)["ce"]
+    lifted = SemanticLoss(4, distance_weight=0, class_weights=w)({"logits": logits}, target)
+    assert float(lifted["ce"]) != pytest.approx(float(plain))
+    with pytest.raises(InputError, match="class_weights"):
+        SemanticLoss(4, class_weights=[1.0, 2.0])
+
+
 def test_varied_training_set_and_a_short_joint_training(tmp_path):
     tomos = varied_training_set(3, (24, 40, 40), seed=11, mode="fast", progress=False)
     assert len({t.name for t in tomos}) == 3
@@ -181,8 +203,11 @@ def test_varied_training_set_and_a_short_joint_training(tmp_path):
         batch_size=2,
         patch_size=16,
         out=tmp_path / "mt.pt",
+        class_weights="auto",
         progress=False,
     )
+    cw = models.load(tmp_path / "mt.pt").metadata["training"]["class_weights"]["semantic"]
+    assert len(cw) == 6 and min(cw) == 1.0 and max(cw) <= 10.0
     assert {"loss_denoise", "loss_lamella", "loss_semantic", "loss_instance"} <= set(hist.columns)
     assert "val_semantic_dice_mean" in hist.columns and "val_lamella_dice" in hist.columns
     loaded = models.load(tmp_path / "mt.pt")
@@ -198,3 +223,20 @@ def test_instance_defaults_are_tuned_on_validation_tomograms_over_the_grid():
     assert set(best) == set(grid) and best["threshold_foreground"] in (0.3, 0.5)
     assert len(table) == 2 and {"ap50", "f1_small", "score"} <= set(table.columns)
     assert table["score"].is_monotonic_decreasing
+
+
+def test_recipe_continues_the_shipped_model_with_a_stage_and_leaves_no_side_files(tmp_path):
+    import shutil
+
+    from cryosiam_nb.training import recipe
+
+    shutil.copy(models.WEIGHTS_DIR / "tiny-multitask.pt", tmp_path / "tiny-multitask.pt")
+    argv = ["--quick", "--only", "multitask", "--out", str(tmp_path), "--no-progress"]
+    with pytest.raises(InputError, match="stage9"):
+        recipe.main([*argv, "--stages", "stage9"])
+    assert recipe.main([*argv, "--stages", "stage3"]) == 0
+    m = models.load(tmp_path / "tiny-multitask.pt")
+    assert list(m.metadata["stages"]) == ["stage1", "stage2", "stage3"]
+    assert m.metadata["stages"]["stage3"]["class_weights"]["semantic"][0] == 1.0
+    assert "Stage3 steps" in (tmp_path / "tiny-multitask.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-multitask.md", "tiny-multitask.pt"]

@@ -176,6 +176,8 @@ class SemanticLoss(nn.Module):
     """Semantic / lamella loss: CE + generalised Dice + MSE(tanh(distance), targets).
 
     Generalised Dice is MONAI's ``GeneralizedDiceLoss`` (softmax, weights 1/(Σ y_c)²).
+    ``class_weights`` (one per class) weight the CE term (rare classes up; see
+    :func:`cryosiam_nb.training.multitask.class_weights_of`); default unweighted.
     ``forward(outputs, labels, distance=None)``: ``outputs`` from the model (``logits``,
     ``distance``), ``labels`` int ``(N, [1,] Z, Y, X)``; distance targets are made with
     :func:`distance_targets` when not given. Returns ``{"loss", "ce", "dice", "distance"}``.
@@ -188,9 +190,15 @@ class SemanticLoss(nn.Module):
         dice_weight: float = 1.0,
         distance_weight: float = 1.0,
         clip: float = 5.0,
+        class_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         self.n_classes = int(n_classes)
+        if class_weights is not None and len(class_weights) != self.n_classes:
+            raise InputError(
+                f"class_weights: {len(class_weights)} values for {self.n_classes} classes"
+            )
+        self.class_weights = None if class_weights is None else [float(w) for w in class_weights]
         self.w = (ce_weight, dice_weight, distance_weight)
         self.clip = clip
         self.dice = GeneralizedDiceLoss(to_onehot_y=True, softmax=True, w_type="square")
@@ -208,7 +216,13 @@ class SemanticLoss(nn.Module):
             )
         lab = _channel(labels.long(), logits)
         terms = {
-            "ce": F.cross_entropy(logits, lab[:, 0]),
+            "ce": F.cross_entropy(
+                logits,
+                lab[:, 0],
+                weight=None
+                if self.class_weights is None
+                else torch.tensor(self.class_weights, device=logits.device),
+            ),
             "dice": self.dice(logits, lab),
         }
         if "distance" in outputs and self.w[2]:

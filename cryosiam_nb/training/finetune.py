@@ -47,7 +47,11 @@ _FOREGROUND = {"semantic": "semantic", "instance": "instances", "lamella": None,
 
 
 def task_loss(
-    task: str, out: dict[str, torch.Tensor], target: torch.Tensor, denoise_loss: str = "l1_ssim"
+    task: str,
+    out: dict[str, torch.Tensor],
+    target: torch.Tensor,
+    denoise_loss: str = "l1_ssim",
+    class_weights: Sequence[float] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Training loss of a head task for a batch (:mod:`cryosiam_nb.models.losses`).
 
@@ -63,6 +67,8 @@ def task_loss(
         :func:`cryosiam_nb.models.targets.instance_targets`).
     denoise_loss
         ``"l1_ssim"`` (L1 + SSIM) or ``"mse"``.
+    class_weights
+        Semantic / lamella: CE weight of each class (default unweighted).
 
     Returns
     -------
@@ -76,7 +82,7 @@ def task_loss(
     if task == "denoise":
         res = losses.DenoiseLoss(denoise_loss)(out["denoised"], target)
     elif task in ("semantic", "lamella"):
-        res = losses.SemanticLoss(out["logits"].shape[1])(out, target)
+        res = losses.SemanticLoss(out["logits"].shape[1], class_weights=class_weights)(out, target)
     elif task == "instance":
         res = losses.InstanceLoss()(out, instances=target)
     else:

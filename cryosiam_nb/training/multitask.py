@@ -46,6 +46,7 @@ __all__ = [
     "evaluate_multitask",
     "varied_training_set",
     "tune_instance_defaults",
+    "class_weights_of",
     "DEFAULT_WEIGHTS",
 ]
 
@@ -64,12 +65,15 @@ def multitask_loss(
     batch: Mapping[str, torch.Tensor],
     weights: Mapping[str, float] | None = None,
     denoise_loss: str = "l1_ssim",
+    class_weights: Mapping[str, Sequence[float]] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted sum of every head task's loss for one batch.
 
     ``out`` holds the model's ``"<task>/<output>"`` maps; ``batch`` the targets under
-    :data:`~cryosiam_nb.training.finetune.TASK_TARGETS` names. Returns the loss and the
-    per-task losses (``loss_<task>``) plus their terms (``<task>_<term>``) as floats.
+    :data:`~cryosiam_nb.training.finetune.TASK_TARGETS` names; ``class_weights`` maps a
+    classifying task (``"semantic"``, ``"lamella"``) to the CE weight of each class.
+    Returns the loss and the per-task losses (``loss_<task>``) plus their terms
+    (``<task>_<term>``) as floats.
     """
     w = {**DEFAULT_WEIGHTS, **(weights or {})}
     total = None
@@ -79,7 +83,8 @@ def multitask_loss(
         if not w.get(t):
             continue
         sub = {k.split("/", 1)[1]: v for k, v in out.items() if k.startswith(f"{t}/")}
-        loss, terms = task_loss(t, sub, batch[TASK_TARGETS[t]], denoise_loss)
+        cw = (class_weights or {}).get(t)
+        loss, terms = task_loss(t, sub, batch[TASK_TARGETS[t]], denoise_loss, cw)
         total = w[t] * loss if total is None else total + w[t] * loss
         logs[f"loss_{t}"] = float(loss.detach())
         logs.update({f"{t}_{k}": v for k, v in terms.items()})
@@ -223,6 +228,32 @@ def varied_training_set(
     return out
 
 
+def class_weights_of(
+    tomograms: Sequence[Tomogram],
+    n_classes: int,
+    key: str = "semantic",
+    power: float = 0.5,
+    max_weight: float = 10.0,
+) -> list[float]:
+    """CE class weights from the label frequencies of ``tomograms[i].labels[key]``.
+
+    ``w_c = (f_c / f_max) ** -power`` clipped to ``max_weight`` (the commonest class gets
+    1); a class absent from every tomogram gets 1. Rare thin classes (microtubules, actin:
+    under 1 % of the voxels) are otherwise drowned by background in the CE term.
+    """
+    counts = np.zeros(n_classes, dtype=np.float64)
+    for t in tomograms:
+        lab = np.asarray(t.labels[key])
+        counts += np.bincount(lab[lab >= 0].ravel(), minlength=n_classes)[:n_classes]
+    if counts.max() <= 0:
+        raise InputError(f"class_weights_of: no {key!r} labels in the tomograms")
+    f = counts / counts.max()
+    w = np.ones(n_classes)
+    present = f > 0
+    w[present] = np.minimum(f[present] ** -float(power), float(max_weight))
+    return [round(float(v), 4) for v in w]
+
+
 def train_multitask(
     data: Any,
     backbone: Any = None,
@@ -235,6 +266,7 @@ def train_multitask(
     lr: float = 3e-3,
     weights: Mapping[str, float] | None = None,
     foreground_fraction: float = 0.6,
+    class_weights: str | Mapping[str, Sequence[float]] | None = None,
     freeze: str = "none",
     val_fraction: float = 0.15,
     val_every: int = 5,
@@ -264,6 +296,10 @@ def train_multitask(
     foreground_fraction
         Share of patches centred on a voxel of a class drawn uniformly among the semantic
         classes present (class balance); the rest are uniform.
+    class_weights
+        CE weight of each class per classifying task (``{"semantic": [...]}``), or
+        ``"auto"``: semantic weights from the training labels (:func:`class_weights_of`);
+        default unweighted.
     val_data
         Validation tomograms; default a per-tomogram split of ``data`` (``val_fraction``).
     epochs, samples_per_epoch, batch_size, lr
@@ -319,6 +355,13 @@ def train_multitask(
         balance=True,
     )
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, drop_last=True)
+    if class_weights == "auto":
+        n_sem = len(model.part_classes["semantic"])
+        cw: dict[str, list[float]] | None = {"semantic": class_weights_of(train_t, n_sem)}
+    elif isinstance(class_weights, str):
+        raise InputError(f"class_weights: 'auto', a mapping or None, got {class_weights!r}")
+    else:
+        cw = None if class_weights is None else {k: list(v) for k, v in class_weights.items()}
     val_fn = (lambda m, dev: evaluate_multitask(m, val_t, dev)) if val_t else None
     metadata = run_metadata(tomos + ([] if val_data is None else val_t), train_t, val_t, "noisy")
     metadata["patch_size"] = list(psize)
@@ -335,12 +378,13 @@ def train_multitask(
         "freeze": freeze,
         "class_balanced": True,
         "foreground_fraction": foreground_fraction,
+        "class_weights": cw,
         "backbone": str(backbone) if isinstance(backbone, (str, Path)) else None,
         "init": str(init) if isinstance(init, (str, Path)) else (None if init is None else "model"),
     }
 
     def step(m: Any, batch: dict[str, torch.Tensor], dev: torch.device):
-        return multitask_loss(m(batch["image"]), batch, weights)
+        return multitask_loss(m(batch["image"]), batch, weights, class_weights=cw)
 
     history = Run(out, resume, device, seed, progress).fit(
         model,

@@ -10,17 +10,25 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from cryosiam_nb.io import atomic_path
+from cryosiam_nb.io import InputError, atomic_path
 
 from .multitask import train_multitask, tune_instance_defaults, varied_training_set
 
-__all__ = ["train_shipped_multitask", "train_stage2", "finish_shipped_multitask", "STRUCTURES"]
+__all__ = [
+    "train_shipped_multitask",
+    "train_stage",
+    "continue_shipped_multitask",
+    "STAGES",
+    "finish_shipped_multitask",
+    "STRUCTURES",
+]
 
 #: extra structure counts per (256 nm)² for the general sample: every class occurs
 STRUCTURES = {"general": {"vesicles": 6.0, "sheets": 2.0, "microtubules": 6.0, "actin": 16.0}}
@@ -62,6 +70,23 @@ def _seconds_per_step(model_kwargs: dict[str, Any], tomos: list, mc: dict[str, A
     return float(np.median(times[1:]))
 
 
+STAGE_NOTES = {
+    "stage2": "the same generator with the noise set by a projection SNR drawn "
+    "log-uniformly in `snr_range`",
+    "stage3": "more microtubules and actin per tomogram (`structures`), class-weighted CE "
+    "(`training.multitask.class_weights_of`) and more class-balanced patches",
+}
+
+
+def _stages_of(md: dict[str, Any]) -> dict[str, dict]:
+    """Training settings of every stage a checkpoint went through (oldest first)."""
+    if md.get("stages"):
+        return dict(md["stages"])
+    if md.get("stage1"):
+        return {"stage1": md["stage1"], "stage2": md.get("training", {})}
+    return {"stage1": md.get("training", {})}
+
+
 def _card(path: Path, model: Any, mc: dict[str, Any], command: str, metrics: dict) -> None:
     md = model.metadata
     tr = md.get("training", {})
@@ -82,14 +107,18 @@ def _card(path: Path, model: Any, mc: dict[str, Any], command: str, metrics: dic
         f"- Validation: {mc['val_n']} tomograms, shape {tuple(mc['val_shape'])}, seeds "
         f"{mc['val_seed']}+i (never trained on)",
         f"- Backbone initialised from `{mc.get('backbone')}`; whole network trained",
-        f"- Stage 2 (all weights continue): `{json.dumps(mc.get('stage2', {}))}` — "
-        "the same generator with the noise set by a projection SNR drawn log-uniformly in "
-        "`snr_range`; validation adds its own held-out seeds",
         *[
-            f"- {name}steps: {t.get('steps')} × batch {t.get('batch_size')} patches of "
-            f"{tuple(model.patch_size)} voxels ({t.get('epochs')} epochs), AdamW one-cycle, "
-            f"lr {t.get('lr')}, class-balanced patches ({t.get('foreground_fraction')})"
-            for name, t in (("Stage 1 ", md.get("stage1")), ("Stage 2 ", tr))
+            f"- {name.capitalize()} (all weights continue): `{json.dumps(mc[name], default=str)}`"
+            f" — {STAGE_NOTES[name]}; validation adds its own held-out seeds"
+            for name in STAGES
+            if mc.get(name)
+        ],
+        *[
+            f"- {name.capitalize()} steps: {t.get('steps')} × batch {t.get('batch_size')} "
+            f"patches of {tuple(model.patch_size)} voxels ({t.get('epochs')} epochs), AdamW "
+            f"one-cycle, lr {t.get('lr')}, class-balanced patches "
+            f"({t.get('foreground_fraction')}), CE class weights {t.get('class_weights')}"
+            for name, t in _stages_of(md).items()
             if t
         ],
         f"- Loss weights: {tr.get('loss_weights')}",
@@ -167,22 +196,34 @@ def train_shipped_multitask(
     model.metadata["train_seconds"] = time.perf_counter() - t0
     model.metadata["train_threads"] = torch.get_num_threads()
     _save_with_metadata(model, path)
-    val = val + train_stage2(path, cfg, progress)
+    for name in STAGES:
+        val = val + train_stage(path, cfg, name, progress)
     return finish_shipped_multitask(
         path, cfg, command + f" --only multitask --epochs {n_epochs}", progress, val
     )
 
 
-def train_stage2(path: Path, cfg: dict[str, Any], progress: bool = True) -> list:
-    """Stage 2: continue the stage-1 checkpoint ``path`` (all weights) on tomograms whose
-    noise is set by a projection SNR drawn log-uniformly in ``stage2["snr_range"]`` (down
-    to the low SNR of thick or low-dose data, which stage 1's dose range does not reach).
-    Overwrites ``path``; returns the stage-2 validation tomograms."""
+#: the recipe's continuation stages, in order (each continues the previous checkpoint)
+STAGES = ("stage2", "stage3")
+
+
+def train_stage(
+    path: Path, cfg: dict[str, Any], name: str, progress: bool = True, resume: bool = False
+) -> list:
+    """Continue the checkpoint ``path`` (all weights) with the recipe's stage ``name``.
+
+    ``stage2``: tomograms whose noise is set by a projection SNR drawn log-uniformly in
+    ``snr_range`` (down to the low SNR of thick or low-dose data, which stage 1's dose
+    range does not reach). ``stage3``: more microtubules and actin (``structures``),
+    class-weighted CE (``class_weights="auto"``) and more class-balanced patches, for the
+    rare thin classes. Keys missing from a stage come from the stage-1 settings.
+    Overwrites ``path``; returns the stage's validation tomograms.
+    """
     from cryosiam_nb import models
 
     mc = dict(cfg["multitask"])
-    st = {**mc, **mc.get("stage2", {})}
-    if not mc.get("stage2") or not st.get("epochs"):
+    st = {**mc, **mc.get(name, {})}
+    if not mc.get(name) or not st.get("epochs"):
         return []
     t_start = time.perf_counter()
     sims = [
@@ -191,9 +232,9 @@ def train_stage2(path: Path, cfg: dict[str, Any], progress: bool = True) -> list
             st[f"{p}shape"],
             st[f"{p}seed"],
             voxel_range=tuple(st["voxel_range"]),
-            structures=STRUCTURES,
+            structures=st.get("structures", STRUCTURES),
             mode=st.get("mode", "tilt"),
-            snr_range=tuple(st["snr_range"]),
+            snr_range=tuple(st["snr_range"]) if st.get("snr_range") else None,
             progress=progress,
         )
         for p in ("", "val_")
@@ -207,19 +248,49 @@ def train_stage2(path: Path, cfg: dict[str, Any], progress: bool = True) -> list
         samples_per_epoch=st["samples_per_epoch"],
         lr=st["lr"],
         foreground_fraction=st.get("foreground_fraction", 0.6),
+        class_weights=st.get("class_weights"),
         val_every=st["epochs"],
         val_data=sims[1],
-        seed=st.get("seed_train", 0) + 1,
-        out=path,
+        seed=st.get("seed_train", 0) + STAGES.index(name) + 1,
+        out=path.with_name(path.stem + f".{name}.pt"),
+        resume=resume,
         progress=progress,
     )
     model.metadata["train_seconds"] = first.metadata.get("train_seconds", 0.0) + (
         time.perf_counter() - t_start
     )
     model.metadata["train_threads"] = torch.get_num_threads()
-    model.metadata["stage1"] = first.metadata.get("training", {})
+    done = _stages_of(first.metadata)
+    done[name] = model.metadata.get("training", {})
+    model.metadata["stages"] = done
     _save_with_metadata(model, path)
+    for side in path.parent.glob(f"{path.stem}.{name}.*"):  # the stage's checkpoint/state
+        side.unlink()
     return sims[1]
+
+
+def continue_shipped_multitask(
+    cfg: dict[str, Any],
+    out: Path,
+    command: str,
+    stages: Sequence[str],
+    progress: bool = True,
+    resume: bool = False,
+) -> dict[str, float]:
+    """Run only the continuation ``stages`` (names in :data:`STAGES`) on the existing
+    ``out/tiny-multitask.pt``, then re-tune its instance defaults and rewrite its card."""
+    path = out / "tiny-multitask.pt"
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise InputError(f"stages: unknown {unknown}; the recipe has {list(STAGES)}")
+    if not path.exists():
+        raise InputError(f"{path}: no checkpoint to continue; train stage 1 first")
+    mc = dict(cfg["multitask"])
+    val = _simulated(mc, "val_", progress)
+    for name in stages:
+        val = val + train_stage(path, cfg, name, progress, resume)
+    cmd = command + " --only multitask --stages " + " ".join(stages)
+    return finish_shipped_multitask(path, cfg, cmd, progress, val)
 
 
 def _save_with_metadata(model: Any, path: Path) -> None:

@@ -93,6 +93,21 @@ RECIPE: dict[str, Any] = {
             "epochs": 5,
             "lr": 1e-3,
         },
+        # stage 3: rare thin classes — 2.3× the microtubules and 2.5× the actin per
+        # tomogram, CE weighted by class frequency, 80 % class-balanced patches
+        "stage3": {
+            "n": 16,
+            "seed": 5400,
+            "val_n": 2,
+            "val_seed": 5980,
+            "structures": {
+                "general": {"vesicles": 6.0, "sheets": 2.0, "microtubules": 14.0, "actin": 40.0}
+            },
+            "class_weights": "auto",
+            "foreground_fraction": 0.8,
+            "epochs": 24,
+            "lr": 1e-3,
+        },
     },
 }
 
@@ -140,6 +155,7 @@ QUICK: dict[str, Any] = _overridden(
         "val_every": 1,
         "mode": "fast",
         "stage2": {"n": 2, "val_n": 1, "epochs": 1, "snr_range": (0.04, 0.3), "lr": 1e-3},
+        "stage3": {"n": 2, "val_n": 1, "epochs": 1, "class_weights": "auto", "lr": 1e-3},
     },
 )
 
@@ -270,6 +286,13 @@ def main(argv: list[str] | None = None) -> int:
         help="multitask: choose the epochs that fit this many minutes (timed on this machine)",
     )
     p.add_argument("--resume", action="store_true", help="multitask: continue an interrupted run")
+    p.add_argument(
+        "--stages",
+        nargs="+",
+        default=None,
+        help="multitask: only run these continuation stages (e.g. stage3) on the existing "
+        "tiny-multitask.pt in --out, then re-tune and rewrite its card",
+    )
     args = p.parse_args(argv)
     from cryosiam_nb import models
     from cryosiam_nb.training import finetune, pretrain_dense, pretrain_subtomo
@@ -287,12 +310,17 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, float] = {}
 
     if "multitask" in todo:
-        from .multitask_recipe import train_shipped_multitask
+        from .multitask_recipe import continue_shipped_multitask, train_shipped_multitask
 
         t0 = time.perf_counter()
-        report["multitask"] = train_shipped_multitask(
-            cfg, out, command, progress, args.epochs, args.budget_minutes, args.resume
-        )
+        if args.stages:
+            report["multitask"] = continue_shipped_multitask(
+                cfg, out, command, args.stages, progress, args.resume
+            )
+        else:
+            report["multitask"] = train_shipped_multitask(
+                cfg, out, command, progress, args.epochs, args.budget_minutes, args.resume
+            )
         times["multitask"] = time.perf_counter() - t0
         todo.discard("multitask")
     times["simulate"] = 0.0

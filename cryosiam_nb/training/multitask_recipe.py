@@ -33,6 +33,9 @@ __all__ = [
 #: extra structure counts per (256 nm)² for the general sample: every class occurs
 STRUCTURES = {"general": {"vesicles": 6.0, "sheets": 2.0, "microtubules": 6.0, "actin": 16.0}}
 
+#: the recipe's continuation stages, in order (each continues the previous checkpoint)
+STAGES = ("stage2", "stage3")
+
 
 def _simulated(mc: dict[str, Any], prefix: str, progress: bool) -> list:
     """The recipe's training (``prefix=""``) or validation (``"val_"``) tomograms."""
@@ -201,10 +204,6 @@ def train_shipped_multitask(
     return finish_shipped_multitask(
         path, cfg, command + f" --only multitask --epochs {n_epochs}", progress, val
     )
-
-
-#: the recipe's continuation stages, in order (each continues the previous checkpoint)
-STAGES = ("stage2", "stage3")
 
 
 def train_stage(

@@ -6,6 +6,8 @@ markers (capped, ``max_markers``) are on; headless Chromium (playwright) drives 
 curator would. Per size, wall-clock seconds as the browser sees them:
 
 - ``first_frame``: ``page.goto`` → the first datashaded UMAP image is in the page;
+- ``viewer``: ``page.goto`` → the slice viewer is in the page (it is built after the page
+  has loaded, so it no longer delays the first frame); the interactions start after it;
 - ``select_gallery``: end of a box drag over one UMAP cluster (~1/30 of the particles) →
   the gallery shows its thumbnails and the selected count;
 - ``zoom_frame``: a mouse-wheel zoom on the UMAP → a new datashader frame (new bounds);
@@ -53,6 +55,9 @@ _FRAME_JS = """() => {
   }
   return null;
 }"""
+# The slice viewer's xy figure has been drawn (its title is "<tomogram> xy").
+_VIEWER_JS = """() => [...Bokeh.index.query((v) => v.model.type === "Figure" &&
+  v.model.title && v.model.title.text === "tomo xy")].length > 0"""
 _TO_SCREEN_JS = """([x0, y0, x1, y1]) => {
   const v = [...Bokeh.index.query((v) => v.model.name === "cs-umap")][0];
   const r = v.canvas_view.el.getBoundingClientRect();
@@ -112,6 +117,8 @@ def measure(browser, n: int, tomo: np.ndarray, out: Path, seed: int = 0) -> dict
         page.wait_for_function(_READY_JS, timeout=300_000, polling=50)
         page.wait_for_function(f"() => ({_FRAME_JS})() !== null", timeout=300_000, polling=50)
         first = time.perf_counter() - t0
+        page.wait_for_function(_VIEWER_JS, timeout=300_000, polling=50)
+        viewer = time.perf_counter() - t0
         (ex,) = [e for e in live_sessions() if e._session_label not in before]
 
         cx, cy = centres[0]
@@ -153,6 +160,7 @@ def measure(browser, n: int, tomo: np.ndarray, out: Path, seed: int = 0) -> dict
         "n_particles": n,
         "serve_setup_s": round(setup, 2),
         "first_frame_s": round(first, 2),
+        "viewer_s": round(viewer, 2),
         "n_selected": n_sel,
         "select_gallery_s": round(select, 2),
         "zoom_frame_s": round(zoom, 2),

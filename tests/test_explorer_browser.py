@@ -105,6 +105,18 @@ def _drag(page, box, shift=False):
         page.keyboard.up("Shift")
 
 
+def _export_as(page, ex, out: Path, name: str) -> Path:
+    """Type an export file name, press Export, wait for the file; returns its path."""
+    path_input = page.locator(".cs-export-path input")
+    path_input.fill(name)
+    path_input.press("Enter")
+    _wait(lambda: ex._widgets["path"].value == name, 30, "the name to sync")
+    page.locator(".cs-export button").click()
+    target = out / name
+    _wait(target.exists, 30, f"{target} to be written")
+    return target
+
+
 _ACTIVE_MARK_JS = """() => {
   for (const m of Bokeh.documents[0].all_models) {
     if (m.type === "GlyphRenderer" && m.glyph.type === "Scatter" && m.glyph.marker &&
@@ -191,13 +203,7 @@ def test_box_select_gallery_merge_undo_export_in_chromium(chromium_browser, serv
     page.locator(".cs-export button").click()
     expect(page.locator(".cs-status-text")).to_contain_text("only inside the output folder")
     assert not (out.parent / "escape.star").exists()
-    path_input.fill("ui_selection.star")
-    path_input.press("Enter")
-    _wait(lambda: ex._widgets["path"].value == "ui_selection.star", 30, "the name to sync")
-    page.locator(".cs-export button").click()
-    target = out / "ui_selection.star"
-    _wait(target.exists, 30, f"{target} to be written")
-    star = read_star(target)
+    star = read_star(_export_as(page, ex, out, "ui_selection.star"))
     assert sorted(star["particle_id"]) == sorted(expected)
     expect(page.locator(".cs-status-text")).to_contain_text("exported 10 particle(s)")
     page.locator(".cs-export button").click()  # again: refused, no silent overwrite
@@ -272,4 +278,72 @@ def test_requests_without_the_token_are_refused(chromium_browser, served):
     assert resp.status == 403
     time.sleep(1.0)
     assert {e._session_label for e in sessions()} <= before  # no session was created
+    page.close()
+
+
+def test_recluster_histograms_and_per_tomogram_export_in_chromium(chromium_browser, served):
+    from playwright.sync_api import expect
+
+    from cryosiam_nb.export import read_csv
+
+    url, sessions, base, out = served
+    page, ex, errors = _open(chromium_browser, url, sessions)
+    obs = ex.particles.obs
+    # The slice viewer is built after the page is up (it never delays the first frame).
+    expect(page.locator(".cs-slice-viewer")).to_have_count(1, timeout=60_000)
+
+    # 1. Re-embed clusters "0" and "1" on their own UMAP, k-means into 2 groups.
+    _drag(page, (-3.0, -3.0, 13.0, 3.0))
+    expect(page.locator(".cs-n-selected")).to_have_attribute("data-n", "20", timeout=60_000)
+    chosen = sorted(ex.selected_ids)
+    before = obs.copy()
+    k_input = page.locator(".cs-recluster-k input")
+    k_input.fill("2")
+    k_input.press("Enter")
+    _wait(lambda: ex._widgets["recluster_k"].value == 2, 30, "k to sync")
+    page.locator(".cs-recluster button").click()
+    expect(page.locator(".cs-status-text")).to_contain_text(
+        "re-embedded 20 particle(s)", timeout=240_000
+    )
+    expect(page.locator(".cs-legend-item[data-category='split.1']")).to_have_count(1)
+    obs = ex.particles.obs
+    groups = {n: sorted(obs.index[obs["cluster"] == n]) for n in ("split.1", "split.2")}
+    assert sorted(groups["split.1"] + groups["split.2"]) == chosen
+    assert {tuple(sorted(set(before.loc[g, "cluster"]))) for g in groups.values()} == {
+        ("0",),
+        ("1",),
+    }
+    rest = ~obs.index.isin(chosen)
+    assert obs.loc[rest].equals(before.loc[rest])  # nothing outside the selection moved
+    # The plot shows the subset in its own coordinates: drag around group split.1 there.
+    uv = ex._uv[obs.index.get_indexer(groups["split.1"])]
+    pad = 0.05 * (np.nanmax(ex._uv) - np.nanmin(ex._uv))
+    _drag(page, (*(uv.min(0) - pad), *(uv.max(0) + pad)))
+    _wait(lambda: sorted(ex.selected_ids) == groups["split.1"], 60, "a subset-view selection")
+    # Undo (button): the labels and the full UMAP come back.
+    page.locator(".cs-undo button").click()
+    expect(page.locator(".cs-status-text")).to_contain_text("undid recluster", timeout=60_000)
+    expect(page.locator(".cs-legend-item[data-category='0']")).to_have_count(1)
+    assert not ex.subset_view and ex.particles.obs.equals(before)
+
+    # 2. Histograms of the selection (HoloViews figures named cs-hist-<column>).
+    _drag(page, (-3.0, -3.0, 3.0, 3.0))
+    expect(page.locator(".cs-n-selected")).to_have_attribute("data-n", "10", timeout=60_000)
+    page.locator(".cs-hist-selection button").click()
+    page.wait_for_function(
+        """() => [...Bokeh.index.query((v) => v.model.name === "cs-hist-score")].length > 0""",
+        timeout=60_000,
+    )
+
+    # 3. Export only the tomogram shown in the viewer.
+    page.locator(".cs-tomogram select").select_option("tomoB")
+    _wait(lambda: ex._widgets["tomogram"].value == "tomoB", 30, "the tomogram picker")
+    page.locator(".cs-export-tomo input").check()
+    _wait(lambda: ex._widgets["export_tomo"].value, 30, "the checkbox to sync")
+    page.locator(".cs-format select").select_option("CSV (Å)")
+    table = read_csv(_export_as(page, ex, out, "tomoB_only.csv"))[0]
+    want = [i for i in ex.selected_ids if obs.at[i, "tomogram"] == "tomoB"]
+    assert sorted(table["particle_id"]) == sorted(want) and 0 < len(want) < 10
+    expect(page.locator(".cs-status-text")).to_contain_text(f"(tomoB: {len(want)})")
+    assert not errors, f"JavaScript errors in the page: {errors}"
     page.close()

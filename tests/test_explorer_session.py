@@ -274,3 +274,149 @@ def test_served_app_refuses_requests_without_the_token(tmp_path):
             assert r.status == 200 and b"bokeh" in r.read().lower()
     finally:
         server.stop()
+
+
+# ---------------------------------------------------------------------- re-embed a subset
+@pytest.mark.slow  # UMAP's numba kernels compile on first use (~20 s on a busy CPU)
+def test_recluster_reembeds_only_the_selection_seeded_and_undoable(tmp_path):
+    p = make_particles(per_cluster=30)
+    ex = explorer(p, working_copy=True, output_dir=tmp_path)
+    ex.merge(["0", "1"], into="mix")  # a mixed cluster: two species, one name
+    mix = cluster_ids(ex.particles, "mix")
+    ex.select_clusters(["mix"])
+    obs0, uv0, n_hist = ex.particles.obs.copy(), p.obsm["umap"].copy(), len(ex.particles.history)
+    names = ex.recluster_selection(2, seed=0)
+    obs = ex.particles.obs
+    assert names == ["mix.1", "mix.2"] and ex.particles.history[-1]["action"] == "recluster"
+    # k-means on the subset's embeddings separates the two species again.
+    groups = obs.loc[mix].groupby("cluster")["species"].agg(lambda s: sorted(set(s)))
+    assert sorted(map(tuple, groups)) == [("prot",), ("ribo",)]
+    # Nothing outside the selection changed; obsm['umap'] is never rewritten.
+    outside = ~obs.index.isin(mix)
+    assert obs.loc[outside].equals(obs0.loc[outside])
+    np.testing.assert_array_equal(ex.particles.obsm["umap"], uv0)
+    # The UMAP shows the subset only, in its own coordinates: a box over everything
+    # selects exactly the subset.
+    assert ex.subset_view and sorted(ex.subset_ids) == sorted(mix)
+    sub_uv = ex.subset_umap.copy()
+    assert sub_uv.shape == (60, 2) and np.isnan(ex._uv[outside.nonzero()[0]]).all()
+    ex.select_box(-1e9, -1e9, 1e9, 1e9)
+    assert sorted(ex.selected_ids) == sorted(mix)
+    # Undo: labels back, full UMAP back; a rerun with the same seed repeats exactly.
+    ex.undo()
+    assert not ex.subset_view and len(ex.particles.history) == n_hist
+    assert ex.particles.obs.equals(obs0)
+    ex.select_clusters(["mix"])
+    assert ex.recluster_selection(2, seed=0) == names
+    np.testing.assert_array_equal(ex.subset_umap, sub_uv)
+    ex.show_full_umap()
+    assert not ex.subset_view and np.array_equal(ex._uv, uv0)
+    # Too small a selection, or no embeddings: clear errors.
+    ex.select_ids(mix[:3])
+    with pytest.raises(InputError, match="at least 5"):
+        ex.recluster_selection(2)
+    del ex.particles.obsm["embedding"]
+    ex.select_ids(mix)
+    with pytest.raises(InputError, match="embedding"):
+        ex.recluster_selection(2)
+
+
+def test_fit_into_keeps_aspect_and_fills_the_view():
+    from cryosiam_nb.pl.curation.recluster import fit_into
+
+    uv = np.array([[0.0, 0.0], [4.0, 1.0], [2.0, 0.5]])
+    out = fit_into(uv, (10.0, 20.0), (0.0, 10.0), margin=0.1)
+    np.testing.assert_allclose(out.min(0), [11.0, 4.0])  # 8 wide, centred
+    np.testing.assert_allclose(out.max(0), [19.0, 6.0])
+    np.testing.assert_allclose(out[2], [15.0, 5.0])
+
+
+# ---------------------------------------------------------------------- histograms
+def test_histograms_of_selection_and_active_cluster_match_numpy():
+    import holoviews as hv
+    import panel as pn
+    from bokeh.document import Document
+    from bokeh.models import Plot
+
+    p = make_particles()
+    p.obs["n_voxels"] = np.arange(len(p)) * 10 + 100  # voxels
+    ex = explorer(p)
+    assert ex.histogram_fields() == ["n_voxels", "score"]
+    with pytest.raises(InputError, match="nothing selected"):
+        ex.histograms("selection")
+    ex.select_clusters(["2"])
+    d = ex.histogram_data("n_voxels", bins=8)
+    edges = np.histogram_bin_edges(p.obs["n_voxels"], bins=8)
+    np.testing.assert_allclose(d["edges"], edges)
+    sel = p.obs.loc[cluster_ids(p, "2"), "n_voxels"]
+    np.testing.assert_array_equal(d["counts"], np.histogram(sel, bins=edges)[0])
+    np.testing.assert_array_equal(d["all"], np.histogram(p.obs["n_voxels"], bins=edges)[0])
+    # The active particle's cluster (a thumbnail click), whatever the selection.
+    ex.show_particle(cluster_ids(p, "3")[0])
+    rows, what = ex.histogram_rows("cluster")
+    assert sorted(p.obs.index[rows]) == sorted(cluster_ids(p, "3")) and what.startswith("cluster 3")
+    layout = ex.histograms("cluster", bins=8)
+    assert isinstance(layout, hv.Layout) and len(layout) == 2
+    bars = layout[0].get(1)  # n_voxels: the cluster's own bars over the whole set's (grey)
+    mine = p.obs.loc[cluster_ids(p, "3"), "n_voxels"]
+    np.testing.assert_array_equal(bars.dimension_values(1), np.histogram(mine, bars.edges)[0])
+    root = pn.pane.HoloViews(layout).get_root(Document())
+    names = {m.name for m in root.select({"type": Plot})}
+    assert names == {"cs-hist-n_voxels", "cs-hist-score"}
+    # Through the buttons.
+    ex.panel()
+    ex._widgets["hist_selection"].clicks += 1
+    assert len(ex._widgets["hist_view"].objects) == 1 and "histograms" in ex.status
+
+
+# ---------------------------------------------------------------------- per-tomogram export
+def test_export_restricted_to_the_viewer_tomogram_reports_counts_per_tomogram(tmp_path):
+    from cryosiam_nb.export import read_csv
+
+    p = make_particles()
+    ex = explorer(p, tomograms=make_tomograms(p), output_dir=tmp_path)
+    ex.select_clusters(["0", "1"])
+    ex.export(tmp_path / "all.csv", "csv")
+    assert "exported 20 particle(s) (tomoA: 10, tomoB: 10)" in ex.status
+    ex.export(tmp_path / "b.csv", "csv", tomogram="tomoB")
+    got = read_csv(tmp_path / "b.csv")[0]
+    want = [i for i in ex.selected_ids if p.obs.at[i, "tomogram"] == "tomoB"]
+    assert sorted(got["particle_id"]) == sorted(want) and "(tomoB: 10)" in ex.status
+    # Through the widgets: the tomogram shown in the viewer, ticked.
+    ex.panel()
+    w = ex._widgets
+    w["tomogram"].value = "tomoA"
+    w["export_tomo"].value = True
+    w["path"].value = "a.csv"
+    w["format"].value = "CSV (Å)"
+    w["path"].value = "a.csv"
+    w["export"].clicks += 1
+    got = read_csv(tmp_path / "a.csv")[0]
+    assert set(p.obs.loc[got["particle_id"], "tomogram"]) == {"tomoA"} and len(got) == 10
+    assert "(tomoA: 10)" in ex.status
+    with pytest.raises(InputError, match="tomogram 'nowhere'"):
+        ex.export(tmp_path / "n.csv", "csv", tomogram="nowhere")
+
+
+def test_capped_viewer_markers_match_a_scan_and_keep_the_highlighted():
+    import pandas as pd
+
+    from cryosiam_nb.pl.curation.markers import CappedViewer
+
+    rng = np.random.default_rng(0)
+    n = 20_000
+    df = pd.DataFrame(
+        rng.uniform(0, [32, 96, 96], size=(n, 3)),
+        columns=["z", "y", "x"],
+        index=[f"q{i}" for i in range(n)],
+    )
+    v = CappedViewer(np.zeros((32, 96, 96), np.float32), max_markers=500)
+    v.set_particles(df)
+    for view, axis, pos in [("xy", "z", 16), ("xz", "y", 40), ("yz", "x", 0)]:
+        scan = np.flatnonzero((df[axis] - pos).abs().to_numpy() <= 3)
+        np.testing.assert_array_equal(v.rows_near(view, pos, 3), scan)
+    hl = df.index[np.flatnonzero((df["z"] - 16).abs().to_numpy() <= 3)[:50]].tolist()
+    v.highlight = hl
+    overlay = v._markers("xy", 16, 40, 40, True, 3)
+    base, sel = overlay.get(0), overlay.get(1)
+    assert len(sel) == 50 and len(base) + len(sel) == 500

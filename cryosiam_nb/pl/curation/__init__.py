@@ -22,7 +22,9 @@ thumbnails), :mod:`.render` (datashader rendering, stable palette), :mod:`.galle
 components: thumbnail grid, clickable legend, keyboard shortcuts), :mod:`.boxes` (gallery
 order, thumbnails, average subtomogram preview), :mod:`.session` (undo floor, output
 folder, autosave), :mod:`.app` (the :class:`Explorer`), :mod:`.exporting` (export / save
-actions), :mod:`.layout` (widgets and layout), :mod:`.server` (:func:`serve`: token,
+actions, per tomogram), :mod:`.recluster` (UMAP + k-means of a selection, shown on its own),
+:mod:`.histograms` (size / score histograms), :mod:`.markers` (the slice viewer's capped
+markers), :mod:`.layout` (widgets and layout), :mod:`.server` (:func:`serve`: token,
 one working copy per browser session; the command line).
 """
 

@@ -24,7 +24,10 @@ from cryosiam_nb.particles.curation import CLUSTER_COLORS_KEY
 from cryosiam_nb.pl.curation.boxes import GALLERY_ORDERS, BoxesMixin
 from cryosiam_nb.pl.curation.exporting import ExportMixin
 from cryosiam_nb.pl.curation.geometry import points_in_box, points_in_lasso
+from cryosiam_nb.pl.curation.histograms import HistogramMixin
 from cryosiam_nb.pl.curation.layout import LayoutMixin
+from cryosiam_nb.pl.curation.markers import CappedViewer
+from cryosiam_nb.pl.curation.recluster import ReclusterMixin
 from cryosiam_nb.pl.curation.render import (
     COLOR_FIELDS,
     EXCLUDED_COLOR,
@@ -34,7 +37,7 @@ from cryosiam_nb.pl.curation.render import (
     natural_key,
     render_umap,
 )
-from cryosiam_nb.pl.curation.session import SessionMixin
+from cryosiam_nb.pl.curation.session import SessionMixin, session_copy
 from cryosiam_nb.pl.viewer import SliceViewer, ensure_bokeh
 
 if TYPE_CHECKING:
@@ -56,39 +59,15 @@ def _slots(n: int) -> list[str]:
     return [f"k{i}" for i in range(n)]
 
 
-class _CappedViewer(SliceViewer):
-    """Slice viewer drawing at most ``max_markers`` particle markers per view.
-
-    Highlighted (selected) particles are kept first; the rest is an even subsample, so a
-    slice through a million picks stays interactive.
-    """
-
-    def __init__(self, *args: Any, max_markers: int = 2000, **kw: Any):
-        super().__init__(*args, **kw)
-        self.max_markers = int(max_markers)
-
-    def _markers(self, view: str, z: int, y: int, x: int, show: bool, slab: int, **kw: Any):
-        df = self._particles
-        depth, pos = {"xy": ("z", z), "xz": ("y", y), "yz": ("x", x)}[view]
-        if not show or len(df) <= self.max_markers:
-            return super()._markers(view, z, y, x, show, slab, **kw)
-        near = df[(df[depth] - pos).abs() <= slab]
-        if len(near) > self.max_markers:
-            hl = near.index.isin(list(map(str, self.highlight)))
-            keep = np.flatnonzero(hl)[: self.max_markers]
-            rest = np.flatnonzero(~hl)
-            room = self.max_markers - len(keep)
-            if room > 0 and len(rest):
-                keep = np.r_[keep, rest[np.linspace(0, len(rest) - 1, room).astype(int)]]
-            near = near.iloc[np.sort(keep)]
-        self._particles = near
-        try:
-            return super()._markers(view, z, y, x, show, slab, **kw)
-        finally:
-            self._particles = df
-
-
-class Explorer(SessionMixin, BoxesMixin, ExportMixin, LayoutMixin, param.Parameterized):
+class Explorer(
+    SessionMixin,
+    BoxesMixin,
+    ExportMixin,
+    ReclusterMixin,
+    HistogramMixin,
+    LayoutMixin,
+    param.Parameterized,
+):
     """Cluster-curation app over a :class:`~cryosiam_nb.particles.Particles` object.
 
     Curation actions modify ``particles`` in place, or a private copy with
@@ -147,8 +126,9 @@ class Explorer(SessionMixin, BoxesMixin, ExportMixin, LayoutMixin, param.Paramet
         if int(page_size) < 1:
             raise InputError(f"page_size must be >= 1, got {page_size}")
         super().__init__(**params)
-        self.particles = particles.copy() if working_copy else particles
+        self.particles = session_copy(particles) if working_copy else particles
         self._uv = uv
+        self._init_recluster()
         self.page_size = int(page_size)
         self.thumb_px = int(thumb_px)
         self.width, self.height = int(width), int(height)
@@ -346,7 +326,7 @@ class Explorer(SessionMixin, BoxesMixin, ExportMixin, LayoutMixin, param.Paramet
                 raise InputError(
                     f"tomogram {tomogram!r} was not given (have {list(self.tomograms)})"
                 )
-            v = _CappedViewer(
+            v = CappedViewer(
                 self.tomograms[tomogram],
                 overlays=self.overlays.get(tomogram),
                 name=tomogram,
@@ -445,12 +425,15 @@ class Explorer(SessionMixin, BoxesMixin, ExportMixin, LayoutMixin, param.Paramet
     def undo(self) -> dict[str, Any]:
         """Undo the last curation action of this session (never the pipeline's steps)."""
         entry = self.particles.undo(floor=self._floor)
+        self._leave_subset_if_undone()
         self._after_edit(f"undid {entry['action']}")
         return entry
 
     # ------------------------------------------------------------------ UMAP plot
     def _umap_frame(self, x_range=None, y_range=None, width=None, height=None, **_: Any) -> hv.RGB:
         f = self.color_by
+        if x_range is not None and y_range is not None:  # the view a re-embed fits into
+            self._view_range = (tuple(x_range), tuple(y_range))
         hidden = self._hidden.get(f)
         rows = None
         if hidden and f in self._cat_names:

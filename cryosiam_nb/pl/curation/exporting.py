@@ -38,7 +38,11 @@ class ExportMixin:
     _sel: np.ndarray
 
     def _export_table(
-        self, scope: str, clusters: Sequence[str] | None, include_excluded: bool
+        self,
+        scope: str,
+        clusters: Sequence[str] | None,
+        include_excluded: bool,
+        tomogram: str | None = None,
     ) -> tuple[pd.DataFrame, int]:
         obs = self.particles.obs
         if scope == "selection":
@@ -54,15 +58,18 @@ class ExportMixin:
             raise InputError(
                 f"export scope must be 'selection', 'clusters' or 'all', got {scope!r}"
             )
+        if tomogram is not None:
+            pos = pos[obs["tomogram"].iloc[pos].astype(str).to_numpy() == str(tomogram)]
         n_skipped = 0
         if not include_excluded and "excluded" in obs.columns:
             keep = ~obs["excluded"].to_numpy(dtype=bool)[pos]
             n_skipped = int(len(pos) - keep.sum())
             pos = pos[keep]
         if len(pos) == 0:
+            where = f", tomogram {tomogram!r}" if tomogram is not None else ""
             raise InputError(
-                f"export: no particles to export (scope {scope!r}; {n_skipped} excluded "
-                "particle(s) skipped)"
+                f"export: no particles to export (scope {scope!r}{where}; {n_skipped} "
+                "excluded particle(s) skipped)"
             )
         return self.particles.selection_to_table(pos), n_skipped
 
@@ -88,6 +95,7 @@ class ExportMixin:
         clusters: Sequence[str] | None = None,
         include_excluded: bool = False,
         overwrite: bool = True,
+        tomogram: str | None = None,
     ) -> Path:
         """Write particle coordinates of the selection / chosen clusters / all particles.
 
@@ -111,16 +119,20 @@ class ExportMixin:
             says how many were skipped).
         overwrite
             Replace an existing file; ``False`` raises ``FileExistsError`` (the UI's default).
+        tomogram
+            Write only the particles of this tomogram (the UI: the one shown in the slice
+            viewer); default every tomogram of the scope.
 
         Returns
         -------
         pathlib.Path
             The path written. STAR/CSV files carry the particle ids
             (``cryosiamNbParticle_id`` / ``particle_id``); copick writes one pickable object
-            per cluster (``cluster-<name>``).
+            per cluster (``cluster-<name>``). The status line gives the number of particles
+            written per tomogram.
         """
         key = EXPORT_FORMATS[fmt][0] if fmt in EXPORT_FORMATS else _export.format_of(path, fmt)
-        df, n_skipped = self._export_table(scope, clusters, include_excluded)
+        df, n_skipped = self._export_table(scope, clusters, include_excluded, tomogram)
         opts: dict[str, object] = {"overwrite": bool(overwrite)}
         if key in ("relion4", "relion5"):
             opts["extra"] = _STAR_EXTRA
@@ -131,13 +143,10 @@ class ExportMixin:
             opts["object_name"] = "cluster"
         out = _export.write(df, path, format=key, **opts)
         skipped = f"; skipped {n_skipped} excluded particle(s)" if n_skipped else ""
-        if key == "copick":
-            n_runs = df["tomogram"].astype(str).nunique()
-            self.status = (
-                f"exported {len(df)} particle(s) to {n_runs} copick run(s) in {out}{skipped}"
-            )
-        else:
-            self.status = f"exported {len(df)} particle(s) to {out}{skipped}"
+        per = df["tomogram"].astype(str).value_counts(sort=False)
+        counts = ", ".join(f"{t}: {int(per[t])}" for t in sorted(per.index))
+        runs = f" to {len(per)} copick run(s) in" if key == "copick" else " to"
+        self.status = f"exported {len(df)} particle(s) ({counts}){runs} {out}{skipped}"
         return out
 
     def save(self, path: str | os.PathLike[str]) -> Path:

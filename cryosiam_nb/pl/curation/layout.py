@@ -109,14 +109,34 @@ class LayoutMixin:
             ("average_clusters", "Average clusters", {}),
             ("restore", "Restore", {"color": "primary"}),
             ("discard", "Discard", {}),
+            ("recluster", "Re-embed selection", {"color": "primary"}),
+            ("full_umap", "Full UMAP", {}),
+            ("hist_selection", "Histograms of selection", {}),
+            ("hist_cluster", "Histograms of cluster", {}),
         ]:
             css = "cs-" + key.replace("_", "-")
             w[key] = pn.widgets.Button(label=label, css_classes=[css], **extra)
         w["k"] = pn.widgets.IntInput(label="split into k (0 = auto)", value=0, start=0, end=50)
+        w["recluster_k"] = pn.widgets.IntInput(
+            label="k-means k of the subset (0 = auto, 1 = UMAP only)",
+            value=0,
+            start=0,
+            end=50,
+            css_classes=["cs-recluster-k"],
+        )
+        w["hist_view"] = pn.Column(css_classes=["cs-hist"])
+        w["export_tomo"] = pn.widgets.Checkbox(
+            label="only the tomogram in the viewer",
+            value=False,
+            disabled=not self.tomograms,
+            css_classes=["cs-export-tomo"],
+        )
         w["scope"] = pn.widgets.RadioButtonGroup(
             label="export", options=["selection", "clusters", "all"], value="selection"
         )
-        w["format"] = pn.widgets.Select(label="format", options=list(EXPORT_FORMATS))
+        w["format"] = pn.widgets.Select(
+            label="format", options=list(EXPORT_FORMATS), css_classes=["cs-format"]
+        )
         w["path"] = pn.widgets.TextInput(
             label="export file name (in the output folder)",
             value=Path(self.export_path).name,
@@ -148,7 +168,10 @@ class LayoutMixin:
         )
         if self.tomograms:
             w["tomogram"] = pn.widgets.Select(
-                label="tomogram", options=list(self.tomograms), value=self._start_tomogram()
+                label="tomogram",
+                options=list(self.tomograms),
+                value=self._start_tomogram(),
+                css_classes=["cs-tomogram"],
             )
         return w
 
@@ -180,6 +203,10 @@ class LayoutMixin:
         w["exclude"].on_click(g(self.exclude_selection))
         w["include"].on_click(g(self.include_selection))
         w["undo"].on_click(g(self.undo))
+        w["recluster"].on_click(g(lambda: self.recluster_selection(w["recluster_k"].value)))
+        w["full_umap"].on_click(g(self.show_full_umap))
+        w["hist_selection"].on_click(g(lambda: self._show_histograms("selection")))
+        w["hist_cluster"].on_click(g(lambda: self._show_histograms("cluster")))
         w["select_clusters"].on_click(g(lambda: self.select_clusters(w["clusters"].value)))
         w["export"].on_click(g(self._export_from_widgets))
         w["save"].on_click(g(lambda: self.save(self.out_path(w["save_path"].value, "save name"))))
@@ -241,12 +268,22 @@ class LayoutMixin:
                 )
             )()
 
+    def _export_tomogram(self) -> str | None:
+        """The tomogram an export is restricted to (the viewer's, when ticked), else None."""
+        w = self._widgets
+        return w["tomogram"].value if w["export_tomo"].value and "tomogram" in w else None
+
     def _export_from_widgets(self) -> Path:
         w = self._widgets
         fmt = EXPORT_FORMATS[w["format"].value][0]
         target = self.out_path(w["path"].value, "export file name")
         return self.export(
-            target, fmt, w["scope"].value, w["clusters"].value, overwrite=w["overwrite"].value
+            target,
+            fmt,
+            w["scope"].value,
+            w["clusters"].value,
+            overwrite=w["overwrite"].value,
+            tomogram=self._export_tomogram(),
         )
 
     def _on_format(self, event: Any) -> None:
@@ -268,7 +305,13 @@ class LayoutMixin:
         with tempfile.TemporaryDirectory() as tmp:
             target = Path(tmp) / EXPORT_FORMATS[w["format"].value][1]
             try:
-                self.export(target, fmt, w["scope"].value, w["clusters"].value)
+                self.export(
+                    target,
+                    fmt,
+                    w["scope"].value,
+                    w["clusters"].value,
+                    tomogram=self._export_tomogram(),
+                )
             except ValueError as err:
                 self.status = f"⚠ {err}"
                 return io.BytesIO(b"")
@@ -295,6 +338,10 @@ class LayoutMixin:
             f"box {v['box']} voxels<div style='display:flex'>{imgs}</div></div>"
         )
         self.status = f"averaged {v['n_used']} particle(s) of {what}"
+
+    def _show_histograms(self, scope: str) -> None:
+        self._widgets["hist_view"].objects = [pn.pane.HoloViews(self.histograms(scope))]
+        self.status = f"histograms of the {scope}"
 
     def _average_clusters(self) -> None:
         names = self.particles._require_clusters(self._widgets["clusters"].value)
@@ -389,8 +436,15 @@ class LayoutMixin:
             title="Curate",
             width=300,
         )
+        subset = pn.Card(
+            w["recluster_k"],
+            pn.Row(w["recluster"], w["full_umap"]),
+            title="Re-embed a subset",
+            width=300,
+        )
         export = pn.Card(
             w["scope"],
+            w["export_tomo"],
             w["format"],
             w["path"],
             w["overwrite"],
@@ -407,7 +461,15 @@ class LayoutMixin:
             title="Average",
             width=300,
         )
-        sidebar = pn.Column(w["color_by"], w["find"], curation, export, average, width=310)
+        hists = pn.Card(
+            pn.Row(w["hist_selection"], w["hist_cluster"]),
+            w["hist_view"],
+            title="Size / score histograms",
+            width=300,
+        )
+        sidebar = pn.Column(
+            w["color_by"], w["find"], curation, subset, export, average, hists, width=310
+        )
         umap = pn.pane.HoloViews(self.umap_plot(), css_classes=["cs-umap"])
         gallery = pn.Column(
             pn.Row(
@@ -422,8 +484,13 @@ class LayoutMixin:
         )
         views = [pn.Row(umap, w["legend"])]
         if self.tomograms:
-            w["viewer_holder"] = pn.Column(self._viewer(self._start_tomogram()).panel())
+            # The slice viewer is built after the page is up (served: on load; in Python at
+            # once), so the UMAP's first frame does not wait for it.
+            w["viewer_holder"] = pn.Column(
+                pn.pane.HTML("<i>loading the slice viewer…</i>", css_classes=["cs-viewer-wait"])
+            )
             views.append(pn.Column(w["tomogram"], w["viewer_holder"]))
+            pn.state.onload(lambda: self._show_viewer(w["tomogram"].value))
         self._layout = pn.Column(
             w["header"],
             w["prompt"],

@@ -14,6 +14,7 @@ an edit of this session touched) indexed by particle id, and as parquet key-valu
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import json
 import os
@@ -27,8 +28,9 @@ import pandas as pd
 
 from cryosiam_nb.io import InputError, atomic_path
 from cryosiam_nb.particles import Particles
+from cryosiam_nb.particles.arrays import AlignedArrays
 
-__all__ = ["safe_name", "AUTOSAVE_DIR"]
+__all__ = ["safe_name", "session_copy", "AUTOSAVE_DIR"]
 
 #: Folder (inside the output folder) of the autosave files.
 AUTOSAVE_DIR = ".autosave"
@@ -229,3 +231,25 @@ def _read_meta(path: Path) -> dict[str, Any]:
     if _META_KEY not in md:
         raise ValueError("not an explorer autosave")
     return json.loads(md[_META_KEY])
+
+
+def session_copy(particles: Particles) -> Particles:
+    """A browser session's working copy of ``particles``, without re-validating a million rows.
+
+    ``obs`` is copied, ``uns`` and ``history`` deep-copied; ``obsm`` is a new mapping over
+    the same arrays (the explorer never writes them; lazy ones stay lazy), so a copy of 1M
+    particles takes a fraction of a second instead of the seconds of
+    :meth:`~cryosiam_nb.particles.Particles.copy` (which rebuilds the id index and the
+    cluster column).
+
+    Returns
+    -------
+    Particles
+        Edits to its ``obs`` / ``uns`` / ``history`` never reach ``particles``.
+    """
+    out = copy.copy(particles)
+    out.obs = particles.obs.copy()
+    out.obsm = AlignedArrays(len(particles), {k: particles.obsm.raw(k) for k in particles.obsm})
+    out.uns = copy.deepcopy(particles.uns)
+    out.history = copy.deepcopy(particles.history)
+    return out

@@ -135,3 +135,31 @@ def test_bad_input_is_refused(maps):
         widgets.tune_instances(maps[["foreground"]])
     with pytest.raises(InputError, match="probabilities"):
         widgets.tune_lamella(xr.Dataset({"p": maps["foreground"]}))
+
+
+def test_tuners_take_a_multitask_prediction(simulation, maps):
+    """A one-pass multi-task prediction (``instance_*`` / ``lamella_*`` variables) is tuned
+    through its instance and lamella heads, as ``tl.instances`` / ``tl.lamella_mask`` do."""
+    truth = simulation.volumes["lamella"]
+    sample = (0.1 + 0.8 * truth.values).astype(np.float32)
+    pred = xr.Dataset(
+        {
+            **{f"instance_{k}": maps[k] for k in ("foreground", "boundary", "distance")},
+            "lamella_probabilities": (
+                ("lamella_class", "z", "y", "x"),
+                np.stack([1 - sample, sample]),
+            ),
+        },
+        attrs={"task": "multitask", "voxel_size": 10.0},
+    )
+    tuner = widgets.tune_instances(pred, crop=(slice(None),) * 3, min_size=5)
+    single = widgets.tune_instances(maps, crop=(slice(None),) * 3, min_size=5)
+    assert tuner.n_particles == single.n_particles > 0
+    params = tuner.apply()
+    np.testing.assert_array_equal(
+        tuner.result.values, instances(maps, progress=False, **params).values
+    )
+    lam = widgets.tune_lamella(pred, sigma=(2.0, 2.0, 2.0), threshold=0.5)
+    assert abs(lam.fraction - float(truth.mean())) < 0.1
+    with pytest.raises(InputError, match="no 'lamella' outputs"):
+        widgets.tune_lamella(pred[["instance_foreground"]].assign_attrs(task="multitask"))

@@ -28,7 +28,7 @@ import xarray as xr
 from matplotlib.colors import ListedColormap
 
 from cryosiam_nb.constants import DIMS, INSTANCE_COLORS
-from cryosiam_nb.inference import lamella_mask
+from cryosiam_nb.inference import lamella_mask, outputs_of
 from cryosiam_nb.io import InputError, as_volume
 from cryosiam_nb.pl.static import Figure
 from cryosiam_nb.segmentation import instances as _instances
@@ -147,6 +147,8 @@ class InstanceTuner(_Tuner):
         progress: bool = True,
         **initial: Any,
     ) -> None:
+        if isinstance(maps, xr.Dataset) and maps.attrs.get("task") == "multitask":
+            maps = outputs_of(maps, "instance")  # the instance head of a one-pass prediction
         if not isinstance(maps, xr.Dataset) or not {"foreground", "boundary", "distance"} <= set(
             maps.data_vars
         ):
@@ -273,6 +275,7 @@ class LamellaTuner(_Tuner):
         super().__init__("lamella mask (tl.lamella_mask) on a crop")
         probs = probabilities
         if isinstance(probs, xr.Dataset):
+            probs = outputs_of(probs, "lamella")  # a multi-task prediction: its lamella head
             if "probabilities" not in probs:
                 raise InputError("probabilities: the Dataset has no 'probabilities' variable")
             probs = probs["probabilities"]
@@ -382,8 +385,9 @@ def tune_instances(
     Parameters
     ----------
     maps
-        Instance maps (``tl.predict`` with an instance model, or ``tl.maps_from_density``):
-        ``foreground``, ``boundary``, ``distance`` (z, y, x); only the crop is computed.
+        Instance maps (``tl.predict`` with an instance or multi-task model — a multi-task
+        prediction gives its instance head —, or ``tl.maps_from_density``): ``foreground``,
+        ``boundary``, ``distance`` (z, y, x); only the crop is computed.
     tomogram
         Volume (z, y, x) shown under the labels (default: the foreground map).
     roi
@@ -422,8 +426,8 @@ def tune_lamella(
     Parameters
     ----------
     probabilities
-        A lamella ``tl.predict`` Dataset or its ``probabilities`` (class, z, y, x); only the
-        crop is computed.
+        A lamella or multi-task ``tl.predict`` Dataset (its lamella head) or the lamella
+        ``probabilities`` (class, z, y, x); only the crop is computed.
     tomogram
         Volume (z, y, x) shown under the mask (default: the sample probability).
     instances

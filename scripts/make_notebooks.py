@@ -56,6 +56,15 @@ def own(step: str, simulated: str = "simulation", read: bool = True) -> list[nbf
     ]
 
 
+#: the "use your own tomogram" prediction: one multi-task pass streamed to zarr (chunk by
+#: chunk, for tomograms larger than RAM); every later step reads the store
+OWN_PREDICTION = (
+    "import xarray as xr\n\n"
+    "# one pass of every head, streamed to zarr; the steps below read the store\n"
+    'store = tl.write_predictions(tl.predict(mine, model), out / f"{path.stem}_predictions.zarr")\n'
+    "own_pred = xr.open_zarr(store, consolidated=False)\n"
+)
+
 SETUP = """\
 from pathlib import Path
 
@@ -184,8 +193,11 @@ NB["02_denoising"] = [
 NB["03_semantic_segmentation_and_lamella"] = [
     new_markdown_cell(
         "# 3 · Semantic segmentation and the lamella\n\nClasses: background, membrane, "
-        "microtubule, particle, actin, DNA/RNA. The lamella (sample) mask restricts every "
-        "later step, and chunks outside it are skipped."
+        "microtubule, particle, actin, DNA/RNA. One multi-task network, `tiny-multitask`, "
+        "gives every dense output from a **single** backbone pass: the denoised tomogram, "
+        "the lamella (sample) probabilities, the semantic probabilities, labels and distance, "
+        "and the instance maps of notebook 4. The lamella mask then restricts every later "
+        "step: here nothing outside the sample is labelled."
     ),
     params(),
     new_code_cell(SETUP),
@@ -195,13 +207,16 @@ NB["03_semantic_segmentation_and_lamella"] = [
         "simulation = sim.simulate(SHAPE, voxel_size=10.0, seed=SEED + 200, structures=extra,\n"
         '                          mode="tilt")\n'
         'noisy, truth = simulation.volumes["noisy"], simulation.volumes\n'
-        'lam = tl.predict(noisy, models.load("tiny-lamella"))\n'
-        'lamella = tl.lamella_mask(lam["probabilities"]).compute()\n'
+        'model = models.load("tiny-multitask")   # one backbone; denoise, lamella, semantic, instance heads\n'
+        "pred = tl.predict(noisy, model).compute()  # one pass gives every head's outputs\n"
+        "print(sorted(pred.data_vars))\n"
+        "lamella = tl.lamella_mask(pred).compute()  # reads the lamella head's probabilities\n"
         'print("lamella Dice:", metrics.dice(lamella.values, truth["lamella"].values)["mean"])'
     ),
     new_markdown_cell(
         "## Tune the lamella mask with sliders\n"
-        "`tune_lamella` smooths and thresholds the lamella probabilities on a crop (every z, "
+        "`tune_lamella` smooths and thresholds the lamella probabilities (the lamella head "
+        "of `pred`) on a crop (every z, "
         "the central 128 × 128 in y, x) and shows xy and xz slices of the mask as you drag. "
         "Too high a threshold cuts the sample's edges; too low lets ice in. `apply()` runs "
         "the chosen values on the whole tomogram and returns them, ready for "
@@ -209,7 +224,7 @@ NB["03_semantic_segmentation_and_lamella"] = [
     ),
     new_code_cell(
         "from cryosiam_nb.pl.widgets import tune_lamella\n\n"
-        'lamella_tuner = tune_lamella(lam, tomogram=noisy, instances=truth["instances"])\n'
+        'lamella_tuner = tune_lamella(pred, tomogram=noisy, instances=truth["instances"])\n'
         "lamella_tuner"
     ),
     new_code_cell(
@@ -220,29 +235,39 @@ NB["03_semantic_segmentation_and_lamella"] = [
         "lamella = lamella_tuner.result.compute()\n"
         'print(lamella_params, "Dice:", metrics.dice(lamella.values, truth["lamella"].values)["mean"])'
     ),
+    new_markdown_cell(
+        "## Semantic classes\n"
+        '`tl.outputs_of(pred, "semantic")` is the semantic head under the names a '
+        "single-task model gives (`probabilities`, `labels`, `distance`). Labels outside "
+        "the lamella are set to background, and `postprocess_semantic` drops specks."
+    ),
     new_code_cell(
-        'seg = tl.predict(noisy, models.load("tiny-semantic"), roi=lamella).compute()\n'
-        'labels = tl.postprocess_semantic(seg["labels"], min_size=20).compute()\n'
+        'seg = tl.outputs_of(pred, "semantic")\n'
+        'inside = seg["labels"].where(lamella > 0, 0).astype(np.uint8)  # nothing outside the sample\n'
+        "labels = tl.postprocess_semantic(inside, min_size=20).compute()\n"
         "names = {i: n for i, n in enumerate(sim.SEMANTIC_CLASSES) if i}\n"
         'dice = metrics.dice(labels.values, truth["semantic"].values, classes=names)\n'
         'pd.Series(dice, name="Dice").round(3)'
     ),
     new_code_cell(
         'display(pl.slices(truth.assign(predicted=labels), variables=["noisy", "semantic", "predicted"]))\n'
-        "# the tiny model finds membranes and particles; thin filaments need a bigger model\n"
+        "# the tiny model finds membranes and particles best; thin filaments (microtubules,\n"
+        "# actin) are the hardest classes (per-class Dice: cryosiam_nb/weights/tiny-multitask.md)\n"
         'assert dice["membrane"] > 0.2, dice'
     ),
     *own(
-        'own_lamella = tl.lamella_mask(tl.predict(mine, models.load("tiny-lamella")), **lamella_params)\n'
-        'own_seg = tl.predict(mine, models.load("tiny-semantic"), roi=own_lamella)\n'
-        'pl.slices(mine, overlays={"semantic": own_seg["labels"], "lamella": own_lamella},\n'
+        OWN_PREDICTION + "own_lamella = tl.lamella_mask(own_pred, **lamella_params)\n"
+        'own_labels = tl.outputs_of(own_pred, "semantic")["labels"].where(own_lamella > 0, 0)\n'
+        'pl.slices(mine, overlays={"semantic": own_labels, "lamella": own_lamella},\n'
         "          title=path.name)"
     ),
 ]
 
 NB["04_instances_and_particles"] = [
     new_markdown_cell(
-        "# 4 · Instances and particles\n\nSeeded watershed on the predicted distance, "
+        "# 4 · Instances and particles\n\nThe instance head of the multi-task network "
+        "(`tiny-multitask`, one `tl.predict` pass as in notebook 3) predicts foreground, "
+        "boundary and distance maps. Seeded watershed on the predicted distance, "
         "refined by multicut (Kernighan–Lin) on the boundary map, then a particle table with "
         "centroids in voxels and Å, sizes and size categories, and subtomograms centred on "
         "each particle."
@@ -253,8 +278,13 @@ NB["04_instances_and_particles"] = [
         "simulation = sim.simulate(SHAPE, voxel_size=10.0, seed=SEED + 300,\n"
         '                          mode="tilt")\n'
         'noisy, truth = simulation.volumes["noisy"], simulation.volumes\n'
-        'maps = tl.predict(noisy, models.load("tiny-instance")).compute()\n'
-        "labels = tl.instances(maps, min_size=10)\n"
+        'model = models.load("tiny-multitask")\n'
+        "pred = tl.predict(noisy, model).compute()  # one pass: every head's outputs\n"
+        "lamella = tl.lamella_mask(pred).compute()\n"
+        "# post-processing settings chosen on the recipe's validation tomograms (model card)\n"
+        'tuned = model.metadata["instance_defaults"]\n'
+        "print(tuned)\n"
+        "labels = tl.instances(pred, roi=lamella, min_size=10, **tuned)  # the instance head's maps\n"
         'ap = metrics.average_precision(labels.values, truth["instances"].values)\n'
         'pd.Series({k: ap[k] for k in ("AP50", "AP60", "AP70", "AP80", "mean")}).round(3)'
     ),
@@ -269,24 +299,27 @@ NB["04_instances_and_particles"] = [
         'assert ap_gt["AP50"] >= 0.9'
     ),
     new_markdown_cell(
-        "The shipped *tiny* instance model was trained on tilt-series tomograms at 10 Å/voxel "
-        "(see its model card in `cryosiam_nb/weights/tiny-instance.md`): it finds the larger "
-        "particles and misses many of the smallest (< 150 voxels). When it finds too few "
-        "particles (e.g. on data unlike its training set), pick by density instead: "
-        "`maps_from_density` thresholds the denoised tomogram (Otsu) and the same watershed + "
-        "multicut splits it — a model-free baseline."
+        "The shipped *tiny* multi-task model was trained on simulated tilt-series tomograms "
+        "at 8–14 Å/voxel, rescaled to 10 Å (its model card, "
+        "`cryosiam_nb/weights/tiny-multitask.md`, gives the held-out metrics and the "
+        'post-processing defaults in `model.metadata["instance_defaults"]`): it finds the '
+        "larger particles and misses many of the smallest (< 150 voxels). When it finds too "
+        "few particles (e.g. on data unlike its training set), pick by density instead: "
+        "`maps_from_density` thresholds the denoised tomogram (the same pass's `denoised` "
+        "output; Otsu) and the same watershed + multicut splits it — a model-free baseline."
     ),
     new_code_cell(
+        'maps = tl.outputs_of(pred, "instance")   # foreground, boundary, distance\n'
         "if len(np.unique(labels.values)) - 1 < 5:   # too few: pick by density instead\n"
-        '    denoised = tl.predict(noisy, models.load("tiny-denoise"))["denoised"].compute()\n'
-        '    maps = tl.maps_from_density(denoised, roi=truth["lamella"])\n'
+        '    maps = tl.maps_from_density(pred["denoised"], roi=lamella)\n'
         "maps"
     ),
     new_markdown_cell(
         "## Tune the post-processing with sliders\n"
         "`tune_instances` reruns the watershed + multicut on a crop (at most 64 × 128 × 128 "
         "voxels) whenever a slider is released and shows the particle count and a slice of "
-        "the labels. Foreground threshold: what counts as particle; seed distances (voxels): "
+        "the labels; the sliders start at the model's tuned defaults. Foreground "
+        "threshold: what counts as particle; seed distances (voxels): "
         "how far inside a particle its seed must be — larger splits fewer touching "
         "particles; boundary bias β: larger splits more; minimum size drops specks. "
         "`apply()` runs the whole tomogram and returns the parameters for `tl.instances` or "
@@ -294,7 +327,7 @@ NB["04_instances_and_particles"] = [
     ),
     new_code_cell(
         "from cryosiam_nb.pl.widgets import tune_instances\n\n"
-        'tuner = tune_instances(maps, tomogram=noisy, roi=truth["lamella"], min_size=10)\n'
+        "tuner = tune_instances(maps, tomogram=noisy, roi=lamella, min_size=10, **tuned)\n"
         "tuner"
     ),
     new_code_cell(
@@ -324,8 +357,8 @@ NB["04_instances_and_particles"] = [
         'export.read_star(out / "particles.star").head()'
     ),
     *own(
-        'own_maps = tl.predict(mine, models.load("tiny-instance"))\n'
-        "own_labels = tl.instances(own_maps, **instance_params)\n"
+        OWN_PREDICTION + "own_lamella = tl.lamella_mask(own_pred)\n"
+        "own_labels = tl.instances(own_pred, roi=own_lamella, **instance_params)\n"
         "own_table = tl.particles(own_labels, tomogram=mine, name=path.stem)\n"
         'print(len(own_table), "particles in", path.name)\n'
         'pl.slices(mine, overlays={"instances": own_labels}, title=path.name)'
@@ -476,15 +509,20 @@ NB["07_published_cryosiam_checkpoints"] = [
 NB["08_a_whole_dataset"] = [
     new_markdown_cell(
         "# 8 · A whole dataset\n\n`workflow.run_dataset` runs the dense pipeline of "
-        "notebooks 2–5 (normalise → denoise → lamella → semantic → instances → particle "
-        "table → subtomograms → embedding) on every tomogram of a folder, one dask task per "
-        "tomogram on a `dask.distributed` cluster, then clusters all particles together.\n\n"
+        "notebooks 2–5 (normalise → one `tiny-multitask` pass for the denoised, lamella, "
+        "semantic and instance maps → lamella mask → semantic labels → instances with the "
+        "model's tuned settings → particle table → subtomograms → embedding) on every "
+        "tomogram of a folder, one dask task per tomogram on a `dask.distributed` cluster, "
+        "then clusters all particles together.\n\n"
         "- Each tomogram's outputs land in `<out>/<tomogram>/` only once complete (written "
         "to a temporary folder, then renamed) with a completion marker `_complete.json`.\n"
         "- **Resumable**: a rerun skips finished tomograms, so after a crash, a kill or a "
         "new tomogram only what is missing is computed.\n"
         "- The result is one `Particles` object for the whole dataset, ready for the "
-        "explorer and export."
+        "explorer and export.\n"
+        '- Your own models: `models={"dense": "my_multitask.pt"}`, or one per step '
+        "(`denoise`, `lamella`, `semantic`, `instance`, `subtomo`); a model named by "
+        "several steps runs once per tomogram."
     ),
     params(
         "N_TOMOGRAMS = 4\n"
@@ -514,18 +552,20 @@ NB["08_a_whole_dataset"] = [
     new_markdown_cell(
         "## Choose the settings on one tomogram\n"
         "Tune the lamella threshold with the slider on the first tomogram (notebook 3 "
-        "explains the tuner); the chosen values go to every tomogram. The fast simulations "
-        "have a weak lamella signal, so a lower threshold is needed there."
+        "explains the tuner), on the lamella head of the same multi-task model the run "
+        "uses; the chosen values go to every tomogram. The fast simulations have a weak "
+        "lamella signal, so a lower threshold is needed there."
     ),
     new_code_cell(
         "from cryosiam_nb.pl.widgets import tune_lamella\n\n"
         'first = pp.normalize(io.read(folder / "tomo0.mrc"), invert=True).persist()\n'
-        'lamella_tuner = tune_lamella(tl.predict(first, models.load("tiny-lamella")), tomogram=first)\n'
+        'pred = tl.predict(first, models.load("tiny-multitask"))  # every head; the tuner reads the lamella one\n'
+        "lamella_tuner = tune_lamella(pred, tomogram=first)\n"
         "lamella_tuner"
     ),
     new_code_cell(
         "# Setting a slider from code does what dragging it does:\n"
-        'lamella_tuner.sliders["threshold"].value = 0.5 if FAST else 0.9\n'
+        'lamella_tuner.sliders["threshold"].value = 0.5 if FAST else 0.7\n'
         "print(lamella_tuner.status.value)\n"
         "lamella_params = lamella_tuner.params\n"
         "lamella_params"

@@ -1,6 +1,7 @@
 """The dataset runner (``cryosiam_nb.workflow``): a 2-worker LocalCluster gives the same
 particles as running the tomograms one by one; a run killed midway resumes with only what
-was missing; bad input fails per tomogram, naming the file."""
+was missing; bad input fails per tomogram, naming the file. The default multi-task model
+runs one ``tl.predict`` pass per tomogram; a dict of per-task models still works."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cryosiam_nb import io, sim, workflow
+from cryosiam_nb import io, models, sim, tl, workflow
 from cryosiam_nb.io import InputError
 
 SHAPE = (32, 64, 64)
@@ -19,6 +20,8 @@ N_TOMOS = 4
 #: Fast simulations give a weak lamella probability: the tuned threshold of notebook 08.
 OPTIONS = {"lamella_params": {"threshold": 0.5}, "rotations": 1}
 COLUMNS = ["tomogram", "z", "y", "x", "n_voxels", "semantic_class", "cluster"]
+#: The former defaults: one model per dense step.
+PER_TASK = {step: f"tiny-{step}" for step in workflow.DENSE_STEPS}
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +37,27 @@ def dataset(tmp_path_factory) -> Path:
 def one_by_one(dataset, tmp_path_factory):
     """The reference: each tomogram on its own (``process_tomogram``), then combined."""
     out = tmp_path_factory.mktemp("one_by_one")
-    infos = [workflow.process_tomogram(p, out, **OPTIONS) for p in sorted(dataset.glob("*.mrc"))]
+    with pytest.MonkeyPatch.context() as mp:
+        passes = _count_passes(mp)
+        infos = [
+            workflow.process_tomogram(p, out, **OPTIONS) for p in sorted(dataset.glob("*.mrc"))
+        ]
     assert [i["status"] for i in infos] == ["computed"] * N_TOMOS
+    # the default multi-task model: one pass per tomogram for every dense output
+    assert passes == [("multitask", False)] * N_TOMOS
     return out, workflow.combine(out)
+
+
+def _count_passes(mp: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
+    """Record ``(model.task, roi given)`` of every ``tl.predict`` call."""
+    passes, predict = [], tl.predict
+
+    def counted(data, model, **kwargs):
+        passes.append((model.task, kwargs.get("roi") is not None))
+        return predict(data, model, **kwargs)
+
+    mp.setattr(tl, "predict", counted)
+    return passes
 
 
 def _same_particles(a, b) -> None:
@@ -63,6 +84,10 @@ def test_one_by_one_finds_particles_in_every_tomogram(one_by_one):
         assert len(table) == marker["n_particles"]
         labels = io.read(out / f"tomo{i}" / "instances.zarr", dtype=None)
         assert labels.shape == SHAPE and int(labels.max()) == len(table)
+        settings = marker["settings"]
+        assert set(settings["models"].values()) == {"tiny-multitask", "tiny-subtomo"}
+        tuned = models.load("tiny-multitask").metadata["instance_defaults"]
+        assert settings["instance_defaults"] == tuned
 
 
 @pytest.mark.slow
@@ -137,12 +162,37 @@ def test_other_settings_on_a_finished_folder_are_refused(dataset, one_by_one):
         workflow.process_tomogram(path, out, lamella_params={"threshold": 0.7}, rotations=1)
     with pytest.raises(InputError, match="instance_params"):
         workflow.run_dataset(dataset, out, instance_params={"min_size": 50}, **OPTIONS)
+    with pytest.raises(InputError, match="instance_defaults, models differ"):
+        workflow.process_tomogram(path, out, models=PER_TASK, **OPTIONS)
     again = workflow.process_tomogram(path, out, **OPTIONS)
     assert again["status"] == "skipped"
+    # one model for the four dense steps, named as such: the default, so nothing to do
+    dense = workflow.process_tomogram(path, out, models={"dense": "tiny-multitask"}, **OPTIONS)
+    assert dense["status"] == "skipped"
     assert (out / "tomo0" / workflow.MARKER).stat().st_mtime_ns == before
     vols = workflow.tomograms(out)
     assert sorted(vols) == [f"tomo{i}" for i in range(N_TOMOS)]
     assert io.read(vols["tomo0"]).shape == SHAPE
+
+
+def test_a_dict_of_per_task_models_runs_each_once(dataset, tmp_path, monkeypatch):
+    """The former default, one model per dense step: four passes, the semantic and instance
+    models inside the lamella; resumable like the default."""
+    path = dataset / "tomo0.mrc"
+    passes = _count_passes(monkeypatch)
+    info = workflow.process_tomogram(path, tmp_path, models=PER_TASK, **OPTIONS)
+    assert info["status"] == "computed"
+    tasks = ["denoise", "lamella", "semantic", "instance"]
+    assert passes == list(zip(tasks, [False, False, True, True]))
+    assert info["settings"]["models"] == {**PER_TASK, "subtomo": "tiny-subtomo"}
+    assert info["settings"]["instance_defaults"] == {}  # the per-task models have none
+    table = pd.read_csv(tmp_path / "tomo0" / "particles.csv")
+    assert len(table) == info["n_particles"] >= 3
+    semantic = io.read(tmp_path / "tomo0" / "semantic.zarr", dtype=None).values
+    lamella = io.read(tmp_path / "tomo0" / "lamella.zarr", dtype=None).values
+    assert semantic.shape == SHAPE and not semantic[lamella == 0].any()
+    again = workflow.process_tomogram(path, tmp_path, models=PER_TASK, **OPTIONS)
+    assert again["status"] == "skipped" and len(passes) == 4
 
 
 def test_inputs_are_checked(dataset, tmp_path):

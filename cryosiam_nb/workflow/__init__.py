@@ -1,11 +1,16 @@
 """A whole dataset from a notebook: the dense pipeline over every tomogram, resumable.
 
 :func:`run_dataset` runs, for every tomogram of a folder / list of paths, the path of the
-demo — normalise → denoise → lamella → semantic → instances → particle table →
-subtomograms → SimSiam embedding — as one dask task per tomogram (the threaded scheduler,
-or a ``dask.distributed`` ``Client`` over its workers), then concatenates the per-tomogram
-particles into one :class:`~cryosiam_nb.particles.Particles`, clusters it (k-means +
-spectral split of the largest cluster) and lays it out with UMAP, ready for the explorer.
+demo — normalise → dense predictions → lamella mask → semantic labels → instances →
+particle table → subtomograms → SimSiam embedding — as one dask task per tomogram (the
+threaded scheduler, or a ``dask.distributed`` ``Client`` over its workers), then
+concatenates the per-tomogram particles into one :class:`~cryosiam_nb.particles.Particles`,
+clusters it (k-means + spectral split of the largest cluster) and lays it out with UMAP,
+ready for the explorer.
+
+By default one multi-task network (``tiny-multitask``) gives every dense output from one
+``tl.predict`` pass per tomogram, with its tuned instance post-processing; per-task models
+(``models=``) still work.
 
 Each tomogram's outputs go to ``out_dir/<tomogram>/`` (a temporary sibling renamed in place
 once complete, :func:`cryosiam_nb.io.atomic_path`) and end with the completion marker
@@ -13,7 +18,8 @@ once complete, :func:`cryosiam_nb.io.atomic_path`) and end with the completion m
 tomogram that has its marker, so a run killed midway only computes what was missing.
 
 Per-tomogram folder (arrays (z, y, x) on the grid of the normalised tomogram; voxel size in
-Å in the zarr attributes): ``denoised.zarr``, ``lamella.zarr``, ``semantic.zarr``,
+Å in the zarr attributes): ``denoised.zarr``, ``lamella.zarr``, ``semantic.zarr`` (0
+outside the lamella),
 ``instances.zarr``, ``particles.csv`` (centres in voxels and Å), ``particles.zarr`` (the
 :class:`Particles` with ``obsm["embedding"]`` and ``obsm["subtomograms"]``; absent when no
 particle was found) and ``_complete.json``. The combined, clustered set is saved as
@@ -23,22 +29,29 @@ particle was found) and ``_complete.json``. The combined, clustered set is saved
 from __future__ import annotations
 
 import contextvars
-import hashlib
 import json
 import os
 import time
 import traceback
-from collections.abc import Mapping, Sequence
-from functools import lru_cache
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cryosiam_nb.io import InputError, atomic_path, write_json
+from cryosiam_nb.workflow.inputs import list_inputs
+from cryosiam_nb.workflow.settings import (
+    DEFAULT_MODELS,
+    DENSE_STEPS,
+    _model,
+    _resolve_models,
+    _settings,
+)
 
 __all__ = [
     "DEFAULT_MODELS",
+    "DENSE_STEPS",
     "MARKER",
     "list_inputs",
     "process_tomogram",
@@ -48,156 +61,8 @@ __all__ = [
     "tomograms",
 ]
 
-#: The model used for each step (a shipped name, a checkpoint path or a loaded model).
-DEFAULT_MODELS: dict[str, str] = {
-    "denoise": "tiny-denoise",
-    "lamella": "tiny-lamella",
-    "semantic": "tiny-semantic",
-    "instance": "tiny-instance",
-    "subtomo": "tiny-subtomo",
-}
 #: File name of the completion marker inside each tomogram's folder.
 MARKER = "_complete.json"
-_SUFFIXES = (".mrc", ".rec", ".map", ".zarr")
-_PICKERS = ("auto", "model", "density")
-
-
-# ----------------------------------------------------------------------------- inputs
-def list_inputs(
-    inputs: str | os.PathLike[str] | Sequence[Any] | Mapping[str, Any],
-) -> dict[str, Path]:
-    """The tomograms of ``inputs`` as ``{name: path}``, in a stable (sorted) order.
-
-    Parameters
-    ----------
-    inputs
-        A folder (its ``*.mrc``, ``*.rec``, ``*.map`` files and ``*.zarr`` stores; a folder
-        without any is searched as a copick project or CryoET Data Portal download by
-        :func:`cryosiam_nb.io.list_tomograms`), a copick configuration ``.json``, the table
-        of ``io.list_tomograms`` (names: the run, with type and voxel spacing when a run has
-        several), one file, a list of paths, or a ``{name: path}`` mapping. Names default
-        to file stems.
-
-    Returns
-    -------
-    dict
-        Tomogram name → path. Names are unique and usable as folder names.
-    """
-    import pandas as pd
-
-    if isinstance(inputs, str | os.PathLike):
-        root = Path(inputs)
-        if not root.exists():
-            raise InputError(f"{root}: no such file or directory")
-        if root.suffix.lower() == ".json" or (root.is_dir() and (root / "ExperimentRuns").is_dir()):
-            inputs = _copick_table(root)
-        elif root.is_dir() and root.suffix.lower() != ".zarr":
-            paths = sorted(p for p in root.iterdir() if p.suffix.lower() in _SUFFIXES)
-            inputs = paths if paths else _copick_table(root)
-        else:
-            inputs = [root]
-    if isinstance(inputs, pd.DataFrame):
-        if "path" not in inputs or "run" not in inputs:
-            raise InputError("inputs: a table needs 'run' and 'path' columns (io.list_tomograms)")
-        t = inputs.reindex(columns=["run", "tomo_type", "voxel_spacing"]).astype(str)
-        many = t["run"].duplicated(keep=False)
-        names = t["run"].where(~many, t["run"] + "_" + t["tomo_type"] + "_" + t["voxel_spacing"])
-        pairs = [(n, Path(p)) for n, p in zip(names, inputs["path"])]
-    elif isinstance(inputs, Mapping):
-        pairs = [(str(k), Path(v)) for k, v in inputs.items()]
-    else:
-        pairs = [(Path(p).stem, Path(p)) for p in inputs]
-    if not pairs:
-        raise InputError("inputs: no tomograms given")
-    out: dict[str, Path] = {}
-    for name, path in pairs:
-        if not path.exists():
-            raise InputError(f"{path}: no such file or directory")
-        if not name or name.startswith(".") or any(c in name for c in "/\\:"):
-            raise InputError(f"{path}: tomogram name {name!r} cannot be a folder name")
-        if name in out:
-            raise InputError(f"{path}: tomogram name {name!r} is also used by {out[name]}")
-        out[name] = path
-    return dict(sorted(out.items()))
-
-
-def _copick_table(root: Path) -> Any:
-    from cryosiam_nb.io import list_tomograms
-
-    try:
-        return list_tomograms(root)
-    except InputError as exc:
-        raise InputError(
-            f"{root}: no tomograms here (looked for {', '.join(_SUFFIXES)} files and for "
-            f"copick / CryoET Data Portal layouts: {exc})"
-        ) from exc
-
-
-# ----------------------------------------------------------------------------- models
-def _model_id(spec: Any) -> str:
-    """A stable identity of a model spec (recorded in the marker, compared on resume)."""
-    if isinstance(spec, str | os.PathLike):
-        p = Path(spec)
-        return f"{p.resolve()}:{p.stat().st_size}" if p.is_file() else str(spec)
-    h = hashlib.sha1()
-    for k, v in spec.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return f"{type(spec).__name__}:{getattr(spec, 'task', '?')}:{h.hexdigest()[:16]}"
-
-
-@lru_cache(maxsize=16)
-def _load_cached(spec: str) -> Any:
-    from cryosiam_nb import models
-
-    return models.load(spec)
-
-
-def _model(spec: Any) -> Any:
-    return _load_cached(str(spec)) if isinstance(spec, str | os.PathLike) else spec
-
-
-def _resolve_models(models: Mapping[str, Any] | None) -> dict[str, Any]:
-    out = dict(DEFAULT_MODELS)
-    for key, spec in (models or {}).items():
-        if key not in DEFAULT_MODELS:
-            raise InputError(f"models: unknown step {key!r} (steps: {list(DEFAULT_MODELS)})")
-        out[key] = spec
-    return out
-
-
-def _settings(
-    models: dict[str, Any],
-    voxel_size: float | None,
-    invert: bool,
-    lamella_params: Mapping[str, Any] | None,
-    instance_params: Mapping[str, Any] | None,
-    picker: str,
-    rotations: int,
-) -> dict[str, Any]:
-    """Everything that decides a tomogram's outputs, JSON-able (compared on resume)."""
-    if picker not in _PICKERS:
-        raise InputError(f"picker: expected one of {_PICKERS}, got {picker!r}")
-    lam = {"threshold": 0.9, "sigma": (10.0, 5.0, 5.0), **dict(lamella_params or {})}
-    if set(lam) - {"threshold", "sigma", "cls"}:
-        raise InputError(
-            f"lamella_params: unknown {sorted(set(lam) - {'threshold', 'sigma', 'cls'})}"
-        )
-    if not 0.0 < float(lam["threshold"]) < 1.0:
-        raise InputError(f"lamella_params: threshold must be in (0, 1), got {lam['threshold']}")
-    params = {"min_size": 10, **dict(instance_params or {})}
-    bad = [k for k in params if k in ("maps", "roi", "out", "progress", "touching")]
-    if bad:
-        raise InputError(f"instance_params: {bad} are set by the workflow itself")
-    return {
-        "models": {k: _model_id(v) for k, v in models.items()},
-        "voxel_size": None if voxel_size is None else float(voxel_size),
-        "invert": bool(invert),
-        "lamella_params": json.loads(json.dumps(lam)),
-        "instance_params": json.loads(json.dumps(params)),
-        "picker": picker,
-        "rotations": int(rotations),
-    }
 
 
 # ----------------------------------------------------------------------------- one tomogram
@@ -247,24 +112,35 @@ def _pipeline(
     vs = float(data.attrs["voxel_size"])
     step("read + normalise")
 
-    den = tl.predict(data, denoiser)["denoised"].compute()
-    io.write(den, tmp / "denoised.zarr")
-    step("denoise")
+    passes: dict[int, Any] = {}
 
-    probs = tl.predict(data, _model(models["lamella"]))["probabilities"]
-    lamella = tl.lamella_mask(probs, progress=False, **s["lamella_params"]).compute()
+    def outputs(key: str, roi: Any = None) -> Any:
+        # A model named by several steps runs once (tiny-multitask: one pass for all).
+        # Denoise and lamella come first, on the whole volume; a model serving only
+        # semantic / instance runs inside the lamella.
+        model = _model(models[key])
+        if id(model) not in passes:
+            passes[id(model)] = tl.predict(data, model, roi=roi).compute()
+        return tl.outputs_of(passes[id(model)], key)
+
+    den = outputs("denoise")["denoised"]
+    io.write(den, tmp / "denoised.zarr")
+    step("denoise")  # with one multi-task model: its whole pass
+
+    lamella = tl.lamella_mask(outputs("lamella"), progress=False, **s["lamella_params"])
+    lamella = lamella.compute()
     if int(lamella.sum()) == 0:  # nothing passes the threshold: keep the whole volume
         lamella = lamella.copy(data=np.ones(lamella.shape, dtype=lamella.dtype))
     io.write(lamella, tmp / "lamella.zarr")
     step("lamella")
 
-    sem = tl.predict(data, _model(models["semantic"]), roi=lamella).compute()
-    io.write(sem["labels"], tmp / "semantic.zarr")
+    sem = outputs("semantic", roi=lamella)["labels"].where(lamella > 0, 0).astype(np.uint8)
+    io.write(sem, tmp / "semantic.zarr")
     step("semantic")
 
-    labels, picker = _instances(data, den, lamella, models, s)
+    labels, picker = _instances(den, lamella, lambda: outputs("instance", roi=lamella), s)
     io.write(labels.astype(np.uint32), tmp / "instances.zarr")
-    table = tl.particles(labels, tomogram=data, semantic=sem["labels"], name=name, progress=False)
+    table = tl.particles(labels, tomogram=data, semantic=sem, name=name, progress=False)
     table.to_csv(tmp / "particles.csv", index=False)
     step("instances")
 
@@ -289,16 +165,17 @@ def _pipeline(
     }
 
 
-def _instances(data: Any, den: Any, lamella: Any, models: dict[str, Any], s: dict[str, Any]):
-    """Instance labels by the instance model, or by density when it finds too few."""
+def _instances(den: Any, lamella: Any, model_maps: Callable[[], Any], s: dict[str, Any]):
+    """Instance labels by the instance model (``model_maps()``: its maps; its tuned
+    ``instance_defaults`` under ``instance_params``), or by density when it finds too few."""
     from cryosiam_nb import tl
 
     params = dict(s["instance_params"])
     min_model = int(params.pop("min_model_particles", 5))
     labels, picker = None, "density"
     if s["picker"] in ("auto", "model"):
-        maps = tl.predict(data, _model(models["instance"]), roi=lamella).compute()
-        labels = tl.instances(maps, roi=lamella, progress=False, **params)
+        tuned = {**s["instance_defaults"], **params}
+        labels = tl.instances(model_maps(), roi=lamella, progress=False, **tuned)
         picker = "model"
         n = int(labels.values.max())
         if s["picker"] == "auto" and n < min_model:
@@ -337,10 +214,15 @@ def process_tomogram(
         Tomogram name (default: the file stem); it prefixes the particle ids.
     models
         ``{step: model}`` for steps ``denoise, lamella, semantic, instance, subtomo``
-        (a shipped name, a checkpoint path or a loaded model); missing steps use
-        :data:`DEFAULT_MODELS`.
+        (a shipped name, a checkpoint path or a loaded model), and ``dense``: one
+        (multi-task) model for the four dense steps. Missing steps use
+        :data:`DEFAULT_MODELS`: ``tiny-multitask`` for every dense step, so one
+        ``tl.predict`` pass per tomogram gives them all. A model named by several steps
+        runs once; per-task models (e.g. the former defaults ``tiny-denoise``,
+        ``tiny-lamella``, ``tiny-semantic``, ``tiny-instance``) run one pass each, the
+        semantic and instance ones inside the lamella mask.
     voxel_size
-        Voxel size in Å (overrides the header). Data are resampled to the denoiser's
+        Voxel size in Å (overrides the header). Data are resampled to the denoise model's
         training voxel size when that differs by more than 0.5 Å.
     invert
         Raw cryo-ET has dark protein; ``True`` makes it bright for the models.
@@ -352,7 +234,10 @@ def process_tomogram(
         Keyword arguments of ``tl.instances`` (``threshold_foreground``,
         ``min_center_distance``, ``max_center_distance``, ``boundary_bias``, ``min_size``
         in voxels, ...), e.g. the result of ``tune_instances(...).apply()``; plus
-        ``min_model_particles`` (default 5) for ``picker="auto"``.
+        ``min_model_particles`` (default 5) for ``picker="auto"``. On the instance
+        model's maps they override its tuned ``metadata["instance_defaults"]`` (recorded
+        in the marker's settings as ``instance_defaults``); density picking uses them
+        alone.
     picker
         ``"model"``: instances from the instance model; ``"density"``: from the denoised
         tomogram (``tl.maps_from_density``); ``"auto"``: the model, or density when the

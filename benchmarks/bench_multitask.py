@@ -80,13 +80,15 @@ def _centres(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.array(ndimage.center_of_mass(lab > 0, lab, ids)), counts
 
 
-def dense(data, model_set: dict) -> tuple[dict, float]:
-    """Denoised, lamella mask, semantic labels, instance labels; and the prediction seconds."""
+def dense(data, model_set: dict, **predict_kwargs) -> tuple[dict, float]:
+    """Denoised, lamella mask, semantic labels, instance labels; and the prediction seconds.
+
+    ``predict_kwargs`` (window, overlap, precision) go to the multi-task ``tl.predict``."""
     from cryosiam_nb import tl
 
     t0 = time.perf_counter()
     if "multitask" in model_set:
-        ds = tl.predict(data, model_set["multitask"]).compute()
+        ds = tl.predict(data, model_set["multitask"], **predict_kwargs).compute()
         t_pred = time.perf_counter() - t0
         den, lam_in, sem, inst = ds["denoised"], ds, ds["semantic_labels"], ds
     else:

@@ -54,6 +54,15 @@ CI_EXCLUDE: dict[str, str] = {
         "quick mode 134 s wall / 131 s CPU (2026-11-24, machine nearly idle), twice the 1-min "
         "quick target; its preset timing overlaps bench_speed's training-step rows"
     ),
+    "bench_dense_pipeline.py": (
+        "quick mode starts five interpreters that each load models (~3 min on the loaded "
+        "2-core machine, 2026-12-05); tests/test_inference.py covers window defaults, "
+        "precision and exactness; run it with `run_all.py --quick --only dense_pipeline`"
+    ),
+    "bench_windows.py": (
+        "quick mode runs the whole multi-task pipeline, instances included, twice on a "
+        "simulated tomogram (~1–2 min); run it with `run_all.py --quick --only windows`"
+    ),
 }
 
 #: default per-script time limits (seconds) by mode

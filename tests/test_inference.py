@@ -21,14 +21,26 @@ from cryosiam_nb.constants import DIMS
 from cryosiam_nb.inference import (
     lamella_mask,
     postprocess_semantic,
-    predict,
     write_predictions,
 )
+from cryosiam_nb.inference import predict as _predict
 from cryosiam_nb.io import InputError
 
 torch.set_num_threads(2)
 
 PATCH = (16, 16, 16)
+
+
+def predict(data, model, **kw):
+    """``predict`` at the model's own patch, overlap 0.5, float32: the chunking contract is
+    tested on these settings; the default window / precision have tests of their own."""
+    if not isinstance(model, (list, tuple)):
+        kw.setdefault("patch_size", model.patch_size)
+    kw.setdefault("overlap", 0.5)
+    kw.setdefault("precision", "float32")
+    return _predict(data, model, **kw)
+
+
 _HEADS = {
     "denoise": (("denoised", 1),),
     "semantic": (("logits", 3), ("distance", 3)),
@@ -36,6 +48,24 @@ _HEADS = {
     "instance": (("foreground", 1), ("distance", 1), ("boundary", 1)),
     "dense_ssl": (),
 }
+
+
+class _Calls:
+    """A call counter that a model shares with its deep copies (pickling makes a new one)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.lock = threading.Lock()
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __getstate__(self):
+        return {"n": self.n}
+
+    def __setstate__(self, state):
+        self.n = state["n"]
+        self.lock = threading.Lock()
 
 
 class ToyNet(nn.Module):
@@ -56,24 +86,23 @@ class ToyNet(nn.Module):
             nn.Conv3d(1, dim, 3, padding=1), nn.ReLU(), nn.Conv3d(dim, dim, 3, padding=1)
         )
         self.heads = nn.ModuleDict({k: nn.Conv3d(dim, c, 1) for k, c in heads})
-        self.calls = 0
-        self._lock = threading.Lock()
+        self._counter = _Calls()
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state.pop("_lock")
-        return state
+    @property
+    def calls(self) -> int:
+        """Forward calls of this model and of its inference copies (predict runs a copy)."""
+        return self._counter.n
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self._lock = threading.Lock()
+    @calls.setter
+    def calls(self, n: int) -> None:
+        self._counter.n = n
 
     def backbone(self, x):
         return self.enc(x)
 
     def forward(self, x):
-        with self._lock:
-            self.calls += 1
+        with self._counter.lock:
+            self._counter.n += 1
         z = self.enc(x)
         return {k: h(z) for k, h in self.heads.items()}
 
@@ -475,3 +504,123 @@ def test_merge_pairs_is_connected_components():
     n, comp = merge_pairs(6, np.array([0, 1, 4]), np.array([1, 2, 5]))
     assert n == 3
     assert comp[0] == comp[1] == comp[2] and comp[4] == comp[5] and comp[3] not in comp[[0, 4]]
+
+
+# ------------------------------------------------------------------ inference defaults / speed
+def test_default_window_is_decoupled_from_the_training_patch():
+    from cryosiam_nb.inference import DEFAULT_WINDOW, inference_window
+
+    model = ToyNet("denoise")  # training patch 16³
+    assert inference_window(model, (200, 300, 400)) == (DEFAULT_WINDOW,) * 3
+    # clipped to a short axis, never below the training patch (MONAI pads that axis)
+    assert inference_window(model, (40, 300, 8)) == (40, DEFAULT_WINDOW, 16)
+    big = ToyNet("denoise", patch=(128, 128, 128))
+    assert inference_window(big, (200, 300, 400)) == (128, 128, 128)
+    _, arr = _tomo((40, 48, 56))
+    ds = _predict(arr, model, precision="float32")
+    assert ds.attrs["patch_size"] == [40, 48, 56] and ds.attrs["precision"] == "float32"
+
+
+def test_default_window_chunked_equals_monolithic_in_float32():
+    """The exactness contract holds for the default window and overlap too."""
+    from cryosiam_nb.inference import DEFAULT_OVERLAP, DEFAULT_WINDOW
+
+    vol, arr = _tomo((40, 200, 230))
+    model = ToyNet("denoise", patch=BIG, dim=2).eval()
+    ds = _predict(arr, model, precision="float32")
+    assert ds.attrs["overlap"] == DEFAULT_OVERLAP
+    win = (40, DEFAULT_WINDOW, DEFAULT_WINDOW)
+    assert ds.attrs["patch_size"] == list(win)
+    got = ds["denoised"].values
+    ref = _monolithic(model, vol, win, DEFAULT_OVERLAP)["denoised"][0, 0].numpy()
+    assert np.abs(got - ref).max() < 1e-4
+
+
+def test_inference_copy_folds_batchnorm_exactly_and_leaves_the_model_alone():
+    from cryosiam_nb.inference._fast import fold_batchnorm, inference_copy
+
+    torch.manual_seed(0)
+    m = models.build("multitask", "tiny", patch_size=16)
+    for mod in m.modules():  # non-trivial running statistics
+        if isinstance(mod, nn.BatchNorm3d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 2.0)
+    m.train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    fast = inference_copy(m, torch.device("cpu"), "multitask")
+    assert m.training and all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    n_bn = sum(isinstance(x, nn.BatchNorm3d) for x in fast.modules())
+    assert n_bn < sum(isinstance(x, nn.BatchNorm3d) for x in m.modules()) // 3
+    x = torch.rand(1, 1, 24, 24, 24)
+    with torch.inference_mode():
+        a, b = m.eval()(x), fast(x)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+    assert fold_batchnorm(nn.Sequential(nn.Conv3d(1, 2, 1))) == 0
+
+
+def test_inference_copy_falls_back_when_folding_would_change_the_output():
+    """A model whose bn1 is not applied right after conv1 must not be folded."""
+    from cryosiam_nb.inference._fast import inference_copy
+
+    class Tricky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv3d(1, 2, 3, padding=1)
+            self.bn1 = nn.BatchNorm3d(2)
+
+        def forward(self, x):
+            y = self.conv1(x)
+            return {"denoised": self.bn1(torch.relu(y)).sum(1, keepdim=True)}
+
+    t = Tricky().eval()
+    t.bn1.running_mean.fill_(0.3)
+    t.bn1.running_var.fill_(2.0)
+    fast = inference_copy(t, torch.device("cpu"), "denoise")
+    assert isinstance(fast.bn1, nn.BatchNorm3d)  # the plain copy
+    x = torch.rand(1, 1, 8, 8, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x)["denoised"], t(x)["denoised"])
+
+
+def test_precision_choices_and_bfloat16_tolerance():
+    from cryosiam_nb.inference._fast import cpu_has_native_bf16, resolve_precision
+
+    cpu = torch.device("cpu")
+    auto = resolve_precision("auto", None, cpu)
+    assert auto == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    assert resolve_precision("auto", None, torch.device("cuda")) == torch.float16
+    assert resolve_precision("bfloat16", False, cpu) == torch.float32  # amp=False wins
+    with pytest.raises(InputError, match="precision"):
+        _predict(np.zeros((16, 16, 16), np.float32), ToyNet("denoise"), precision="int8")
+    # reduced precision stays close to float32 on the shipped multi-task model
+    m = models.load("tiny-multitask")
+    vol = np.random.default_rng(3).random((32, 64, 64), dtype=np.float32)
+    f32 = _predict(vol, m, precision="float32").compute()
+    b16 = _predict(vol, m, precision="bfloat16").compute()
+    assert b16.attrs["precision"] == "bfloat16"
+    assert float(np.abs(b16["denoised"] - f32["denoised"]).max()) < 0.1
+    agree = float((b16["semantic_labels"] == f32["semantic_labels"]).mean())
+    assert agree > 0.97
+
+
+def test_tta_averages_the_flipped_predictions():
+    """tta=n: each window's raw outputs are the mean over n flips, each flipped back."""
+    from cryosiam_nb.inference._windows import TTA_FLIPS
+
+    vol, arr = _tomo((32, 48, 48))
+    model = ToyNet("denoise", patch=BIG, dim=2).eval()
+    got = predict(arr, model, tta=True)
+    assert got.attrs["tta_flips"] == 8
+    got = got["denoised"].values
+
+    class Flipped(nn.Module):
+        def forward(self, x):
+            outs = [torch.flip(model(torch.flip(x, d))["denoised"], d) for d in TTA_FLIPS]
+            return {"denoised": torch.stack(outs).mean(0)}
+
+    ref = _monolithic(Flipped(), vol, BIG)["denoised"][0, 0].numpy()
+    assert np.abs(got - ref).max() < 1e-4
+    plain = predict(arr, model)["denoised"].values
+    assert np.abs(got - plain).max() > 1e-3  # a flip-variant model: TTA changes the output
+    with pytest.raises(InputError, match="tta"):
+        predict(arr, model, tta=9)

@@ -13,7 +13,14 @@ Modules:
 """
 
 from cryosiam_nb.inference.lamella import lamella_mask
-from cryosiam_nb.inference.prediction import outputs_of, predict, write_predictions
+from cryosiam_nb.inference.prediction import (
+    DEFAULT_OVERLAP,
+    DEFAULT_WINDOW,
+    inference_window,
+    outputs_of,
+    predict,
+    write_predictions,
+)
 from cryosiam_nb.inference.semantic import postprocess_semantic
 
 __all__ = [
@@ -22,4 +29,7 @@ __all__ = [
     "outputs_of",
     "postprocess_semantic",
     "lamella_mask",
+    "inference_window",
+    "DEFAULT_WINDOW",
+    "DEFAULT_OVERLAP",
 ]

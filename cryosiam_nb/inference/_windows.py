@@ -20,7 +20,6 @@ float rounding, and no window is ever run twice.
 
 from __future__ import annotations
 
-import copy
 import math
 import threading
 import uuid
@@ -30,7 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cryosiam_nb.device import autocast, pick_device
+from cryosiam_nb.device import pick_device
+from cryosiam_nb.inference._fast import inference_copy, resolve_precision
 from cryosiam_nb.io import InputError
 
 FIXED_HEADS = {
@@ -109,16 +109,46 @@ def plan_axis(size: int, patch: int, overlap: float, chunk: int, axis: str) -> A
     return AxisPlan(tuple(cores), tuple(regions))
 
 
-def default_chunk(size: int, patch: int, overlap: float) -> int:
-    """Two patches, capped at 128 voxels but never below one patch, rounded up to the stride."""
+#: bytes of one chunk's stage-1 result (window sums over its region, float32) that the
+#: default chunk stays under; dask runs one chunk per core, each with a few such buffers
+CHUNK_BYTES = 160 * 2**20
+
+
+def default_chunk(size: int, patch: int, overlap: float, n_channels: int = 1) -> int:
+    """Two patches, capped at 128 voxels but never below one patch, rounded up to the stride;
+    then fewer strides while a chunk's region (chunk + halo)³ × (``n_channels`` + 1) float32
+    exceeds :data:`CHUNK_BYTES` (many-channel models such as the multi-task one)."""
     if size <= patch:
         return size
     stride = scan_interval(size, patch, overlap)
     target = max(patch, min(2 * patch, 128))
-    return int(math.ceil(target / stride) * stride)
+    chunk = int(math.ceil(target / stride) * stride)
+    floor = int(math.ceil(patch / stride) * stride)
+    halo = patch - stride
+    while chunk - stride >= floor and (chunk + halo) ** 3 * (n_channels + 1) * 4 > CHUNK_BYTES:
+        chunk -= stride
+    return chunk
 
 
 # ============================================================================ model runner
+#: test-time augmentation: flips of the (N, C, z, y, x) window, identity first (axes 2–4)
+TTA_FLIPS: tuple[tuple[int, ...], ...] = (
+    (),
+    (4,),
+    (3,),
+    (2,),
+    (3, 4),
+    (2, 4),
+    (2, 3),
+    (2, 3, 4),
+)
+
+
+def _probe(patch: tuple[int, int, int]) -> tuple[int, int, int]:
+    """A small input (z, y, x voxels) for checking a model's inference copy."""
+    return tuple(min(int(p), 16) for p in patch)
+
+
 _MODEL_CACHE: OrderedDict[tuple[str, str], torch.nn.Module] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
 _CACHE_SIZE = 2
@@ -128,8 +158,11 @@ _COUNT_CACHE: OrderedDict[tuple, np.ndarray] = OrderedDict()
 class Runner:
     """Everything a chunk task needs to run the model; pickles with the model's weights.
 
-    Each worker process moves the model to its device once and caches it (keyed by a
-    per-``predict`` id), so a graph with hundreds of chunks pays the transfer once.
+    Each worker process makes its inference copy of the model once (BatchNorm folded,
+    channels-last on CPU: :func:`~cryosiam_nb.inference._fast.inference_copy`) on its device
+    and caches it (keyed by a per-``predict`` id), so a graph with hundreds of chunks pays
+    that once. ``precision`` (``"auto"``, ``"float32"``, ``"bfloat16"``, ``"float16"``)
+    is resolved per device (:func:`~cryosiam_nb.inference._fast.resolve_precision`).
     """
 
     def __init__(
@@ -143,6 +176,8 @@ class Runner:
         sigma_scale: float,
         device: str | None,
         amp: bool | None,
+        precision: str = "auto",
+        tta: int = 0,
     ) -> None:
         self.model = model
         self.task = task
@@ -153,6 +188,8 @@ class Runner:
         self.sigma_scale = sigma_scale
         self.device = device
         self.amp = amp
+        self.precision = precision
+        self.tta = int(tta)
         self.key = uuid.uuid4().hex
         self.n_channels = sum(c for _, c in heads)
 
@@ -163,13 +200,8 @@ class Runner:
         k = (self.key, str(dev))
         with _CACHE_LOCK:
             m = _MODEL_CACHE.get(k)
-            if m is None:
-                params = list(self.model.parameters()) + list(self.model.buffers())
-                on_dev = all(p.device == dev for p in params)
-                if on_dev and not self.model.training:
-                    m = self.model  # used as is: no copy of the weights
-                else:  # never move or switch the caller's own model
-                    m = copy.deepcopy(self.model).to(dev).eval()
+            if m is None:  # a copy: the caller's own model is never moved or switched
+                m = inference_copy(self.model, dev, self.task, _probe(self.patch))
                 _MODEL_CACHE[k] = m
                 while len(_MODEL_CACHE) > _CACHE_SIZE:
                     _MODEL_CACHE.popitem(last=False)
@@ -178,7 +210,22 @@ class Runner:
             return m
 
     def forward(self, model: torch.nn.Module, x: torch.Tensor, dev: torch.device) -> torch.Tensor:
-        with autocast(dev, self.amp):
+        """Un-activated head outputs ``(N, C, *window)`` float32; with ``tta`` the mean over
+        the flips of :data:`TTA_FLIPS` (each output flipped back)."""
+        if not self.tta:
+            return self._forward(model, x, dev)
+        acc = None
+        for dims in TTA_FLIPS[: self.tta]:
+            y = self._forward(model, torch.flip(x, dims) if dims else x, dev)
+            y = torch.flip(y, dims) if dims else y
+            acc = y if acc is None else acc.add_(y)
+        return acc.div_(self.tta)
+
+    def _forward(self, model: torch.nn.Module, x: torch.Tensor, dev: torch.device) -> torch.Tensor:
+        dtype = resolve_precision(self.precision, self.amp, dev)
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+            if dev.type == "cpu":
+                x = x.contiguous(memory_format=torch.channels_last_3d)
             if self.task == "dense_ssl":
                 out = {"embedding": model.backbone(x)}
             else:
@@ -189,7 +236,7 @@ class Runner:
                 f"model: task {self.task!r} needs outputs {missing}, the model returned "
                 f"{sorted(out)}"
             )
-        return torch.cat([out[name].float() for name, _ in self.heads], dim=1)
+        return torch.cat([out[name] for name, _ in self.heads], dim=1).float()
 
     def count_map(self, shape: tuple[int, ...]) -> np.ndarray:
         """Σ of MONAI's Gaussian importance maps over MONAI's windows of a region ``shape``."""
@@ -273,24 +320,41 @@ def take(acc: np.ndarray | None, sl: tuple[slice, ...]) -> np.ndarray | None:
     return np.array(acc[(slice(None), *sl)], copy=True)
 
 
-def _activate(task: str, raw: np.ndarray, heads: Heads) -> np.ndarray:
+def _argmax0(x: torch.Tensor) -> torch.Tensor:
+    """``argmax`` over the first (class) axis, ties to the lowest class like ``torch.argmax``;
+    a running maximum over contiguous class slabs (a strided argmax is ~10× slower)."""
+    best = x[0].clone()
+    lab = torch.zeros(x.shape[1:], dtype=torch.int64)
+    for c in range(1, x.shape[0]):
+        more = x[c] > best
+        lab[more] = c
+        torch.maximum(best, x[c], out=best)
+    return lab
+
+
+def _activate(task: str, raw: np.ndarray, heads: Heads, out: np.ndarray) -> None:
+    """Activated maps of ``raw`` (window averages) written into ``out`` (``n_activated``
+    channels): softmax, argmax label and tanh distance for semantic / lamella, sigmoid
+    foreground and boundary for instance, the rest as they are."""
     if task == "multitask":
-        outs, c0 = [], 0
+        c0 = o0 = 0
         for part, hs in parts_of(task, heads):
             c1 = c0 + sum(c for _, c in hs)
-            outs.append(_activate(part, raw[c0:c1], hs))
-            c0 = c1
-        return np.concatenate(outs, axis=0)
-    t = torch.from_numpy(raw)
+            o1 = o0 + n_activated(part, hs)
+            _activate(part, raw[c0:c1], hs, out[o0:o1])
+            c0, o0 = c1, o1
+        return
+    t, o = torch.from_numpy(raw), torch.from_numpy(out)
     if task in ("semantic", "lamella"):
         n = heads[0][1]
-        logits, dist = t[:n], t[n:]
-        prob = torch.softmax(logits, dim=0)
-        labels = torch.argmax(logits, dim=0, keepdim=True).float()
-        return torch.cat([prob, labels, torch.tanh(dist)], dim=0).numpy()
-    if task == "instance":
-        return torch.cat([torch.sigmoid(t[:2]), t[2:3]], dim=0).numpy()
-    return raw
+        o[:n] = torch.softmax(t[:n], dim=0)
+        o[n] = _argmax0(t[:n])
+        torch.tanh(t[n:], out=o[n + 1 :])
+    elif task == "instance":
+        torch.sigmoid(t[:2], out=o[:2])
+        o[2:] = t[2:]
+    else:
+        o[:] = t
 
 
 def stage2(
@@ -315,9 +379,10 @@ def stage2(
     cnt = total[-1]
     acc = total[:-1]
     ok = cnt > 0
-    acc = np.divide(acc, cnt[None], out=np.zeros_like(acc), where=ok[None])
-    out = _activate(task, acc, heads)
+    np.divide(acc, cnt[None], out=acc, where=ok[None])  # where cnt is 0, acc is 0 too
+    out = np.empty((n_out, *shape), dtype=np.float32)
+    _activate(task, acc, heads, out)
     if roi is not None or not ok.all():
         keep = ok if roi is None else (ok & (roi > 0))
-        out = out * keep[None]
-    return np.ascontiguousarray(out, dtype=np.float32)
+        out *= keep[None]
+    return out

@@ -41,7 +41,9 @@ import torch
 import xarray as xr
 
 from cryosiam_nb.constants import DENSE_TASKS, DIMS
+from cryosiam_nb.device import pick_device
 from cryosiam_nb.inference._compute import compute
+from cryosiam_nb.inference._fast import resolve_precision
 from cryosiam_nb.inference._windows import (
     FIXED_HEADS,
     Runner,
@@ -57,7 +59,46 @@ from cryosiam_nb.inference.grid import grid_coords, grid_voxel_size
 from cryosiam_nb.inference.outputs import outputs_of
 from cryosiam_nb.io import InputError, as_volume, atomic_path
 
-__all__ = ["predict", "write_predictions", "outputs_of"]
+__all__ = [
+    "predict",
+    "write_predictions",
+    "outputs_of",
+    "inference_window",
+    "DEFAULT_WINDOW",
+    "DEFAULT_OVERLAP",
+]
+
+#: default inference window (voxels per axis) and overlap, chosen from the quality-vs-speed
+#: table of ``benchmarks/bench_windows.py`` on validation tomograms (README): 64³ at overlap
+#: 0.25 (2.4 evaluations per voxel instead of 8) is as good as the 32³ training patch at 0.5;
+#: 96³ is no better and its chunks need ~1.5× the memory
+DEFAULT_WINDOW = 64
+DEFAULT_OVERLAP = 0.25
+
+
+def inference_window(
+    model: torch.nn.Module, shape: Sequence[int], window: int = DEFAULT_WINDOW
+) -> tuple[int, int, int]:
+    """The default sliding window (z, y, x voxels) for ``model`` on a volume ``shape``.
+
+    ``window`` voxels per axis, but at least the model's training ``patch_size`` and, where
+    the volume axis is at least that patch, at most the axis length (one window then
+    spans it). An axis shorter than the training patch gets the training patch (MONAI
+    pads it), as before.
+    """
+    src = getattr(model, "patch_size", None)
+    if src is None:
+        raise InputError("patch_size: the model has no patch_size; pass patch_size=(z, y, x)")
+    train = (int(src),) * 3 if np.isscalar(src) else tuple(int(p) for p in src)
+    out = []
+    for size, p in zip(shape, train):
+        w = max(int(window), p)
+        out.append(p if size < p else min(w, int(size)))
+    return tuple(out)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _as_dask(arr: np.ndarray | da.Array, chunks: tuple[int, int, int]) -> da.Array:
@@ -75,7 +116,11 @@ def _model_heads(model: torch.nn.Module, task: str, patch: tuple[int, int, int])
         dev = next(iter(model.parameters())).device
     except StopIteration:
         dev = torch.device("cpu")
-    x = torch.zeros((1, 1, *patch), device=dev)
+    # the dry run uses the model's (small) training patch when it has one
+    src = getattr(model, "patch_size", None)
+    probe = patch if src is None else ((int(src),) * 3 if np.isscalar(src) else tuple(src))
+    probe = tuple(int(p) for p in probe)
+    x = torch.zeros((1, 1, *probe), device=dev)
     was_training = model.training
     model.eval()
     try:
@@ -99,9 +144,9 @@ def _model_heads(model: torch.nn.Module, task: str, patch: tuple[int, int, int])
                 f"model: task {task!r} needs output {name!r}, the model returned {sorted(out)}"
             )
         t = out[name]
-        if t.ndim != 5 or tuple(t.shape[2:]) != patch:
+        if t.ndim != 5 or tuple(t.shape[2:]) != probe:
             raise InputError(
-                f"model: output {name!r} has shape {tuple(t.shape)}, expected (1, C, *{patch})"
+                f"model: output {name!r} has shape {tuple(t.shape)}, expected (1, C, *{probe})"
             )
         heads.append((name, int(t.shape[1])))
     return tuple(heads)
@@ -185,13 +230,15 @@ def predict(
     model: torch.nn.Module,
     *,
     patch_size: Sequence[int] | int | None = None,
-    overlap: float = 0.5,
-    batch_size: int = 4,
+    overlap: float | None = None,
+    batch_size: int | None = None,
     roi: xr.DataArray | np.ndarray | da.Array | None = None,
     device: str | torch.device | None = None,
     chunks: Sequence[int] | int | None = None,
     sigma_scale: float = 0.125,
     amp: bool | None = None,
+    precision: str = "auto",
+    tta: bool | int = False,
 ) -> xr.Dataset:
     """Chunked sliding-window inference of ``model`` on a tomogram → lazy ``xarray.Dataset``.
 
@@ -210,11 +257,18 @@ def predict(
         of head models whose backbones hold identical weights runs as one multi-task
         model (:func:`cryosiam_nb.models.combine`): one backbone pass for all their heads.
     patch_size
-        Sliding-window patch (z, y, x) in voxels; default the model's ``patch_size``.
+        Sliding-window size (z, y, x) in voxels. Default (:func:`inference_window`): an
+        inference window of :data:`DEFAULT_WINDOW` voxels per axis, independent of the
+        training patch — never smaller than the model's ``patch_size`` nor (when the
+        volume is at least that patch) larger than the volume. Larger windows with a small
+        overlap evaluate each voxel fewer times; ``benchmarks/bench_windows.py`` measured
+        the quality and speed of each choice.
     overlap
-        Fraction of a patch shared by neighbouring windows (MONAI ``overlap``), in [0, 1).
+        Fraction of a window shared by neighbouring windows (MONAI ``overlap``), in [0, 1);
+        default :data:`DEFAULT_OVERLAP`.
     batch_size
-        Windows per forward pass.
+        Windows per forward pass; default 1 on CPU (no gain from batching there, less
+        memory), 4 on a GPU.
     roi
         Optional region of interest: a 0/1 (z, y, x) volume on the same grid (e.g.
         :func:`~cryosiam_nb.inference.lamella_mask`). Windows and chunks without any voxel
@@ -223,13 +277,28 @@ def predict(
         ``None`` → each worker picks cuda → mps → cpu; mixed precision on CUDA (``amp``).
     chunks
         Output chunk (z, y, x) in voxels: a multiple of the window stride and ≥ the patch;
-        default two patches per axis, capped at 128 voxels but never below one patch (64
-        for the tiny models' 32³ patch), rounded up to the stride. Memory per running
-        chunk ≈ (chunk + patch)³ × (output channels + 2) × 4 bytes.
+        default two windows per axis, capped at 128 voxels but never below one window,
+        rounded up to the stride, then made smaller (by strides, not below one window)
+        while a chunk's window sums exceed ``CHUNK_BYTES`` (160 MiB) — the case of the
+        multi-task model's 21 channels. Memory per running chunk ≈ (chunk + window)³ ×
+        (output channels + 2) × 4 bytes.
     sigma_scale
         Gaussian blending sigma as a fraction of the patch (MONAI's default 0.125).
     amp
-        Mixed precision: ``None`` → on CUDA only.
+        Older switch for reduced precision: ``False`` forces float32, ``True`` the
+        device's reduced precision; ``None`` leaves it to ``precision``.
+    precision
+        ``"auto"`` (default): float16 autocast on CUDA, bfloat16 autocast on a CPU with
+        native bf16 instructions (AMX / AVX512-BF16; 3–8× faster there), float32
+        elsewhere; or ``"float32"``, ``"bfloat16"``, ``"float16"``. Reduced precision
+        changes outputs by about 1e-2 (logits; measured in ``bench_windows.py``, with the
+        held-out quality); use ``"float32"`` for bit-stable results — chunked then equals a
+        monolithic sliding window to 1e-4.
+    tta
+        Test-time augmentation: each window is also run flipped (``True``: all 8 flips of
+        the z, y and x axes; an int ``n``: the first ``n`` of
+        :data:`~cryosiam_nb.inference._windows.TTA_FLIPS`) and the un-activated outputs
+        are averaged; ``n`` times slower.
 
     Returns
     -------
@@ -261,20 +330,38 @@ def predict(
         raise InputError(f"model: task must be one of {DENSE_TASKS}, got {task!r}")
     vol = as_volume(data, "data")
     vs = grid_voxel_size(data)
-    patch_src = getattr(model, "patch_size", None) if patch_size is None else patch_size
-    if patch_src is None:
-        raise InputError("patch_size: the model has no patch_size; pass patch_size=(z, y, x)")
-    patch = (int(patch_src),) * 3 if np.isscalar(patch_src) else tuple(int(p) for p in patch_src)
-    if len(patch) != 3 or min(patch) < 1:
-        raise InputError(f"patch_size: expected 3 positive voxel counts (z, y, x), got {patch_src}")
+    shape = tuple(int(s) for s in vol.shape)
+    if patch_size is None:
+        patch = inference_window(model, shape)
+    else:
+        patch_src = patch_size
+        patch = (
+            (int(patch_src),) * 3 if np.isscalar(patch_src) else tuple(int(p) for p in patch_src)
+        )
+        if len(patch) != 3 or min(patch) < 1:
+            raise InputError(
+                f"patch_size: expected 3 positive voxel counts (z, y, x), got {patch_src}"
+            )
+    overlap = DEFAULT_OVERLAP if overlap is None else overlap
     if not 0 <= float(overlap) < 1:
         raise InputError(f"overlap: must be in [0, 1), got {overlap}")
+    dev_arg = None if device is None else str(device)
+    if batch_size is None:
+        batch_size = 1 if pick_device(dev_arg).type == "cpu" else 4
     if int(batch_size) < 1:
         raise InputError(f"batch_size: must be ≥ 1, got {batch_size}")
+    try:
+        resolve_precision(precision, amp, torch.device("cpu"))
+    except ValueError as e:
+        raise InputError(str(e)) from None
     overlap = float(overlap)
-    shape = tuple(int(s) for s in vol.shape)
+    n_tta = 8 if tta is True else int(tta)
+    if not 0 <= n_tta <= 8:
+        raise InputError(f"tta: True, False or a number of flips from 0 to 8, got {tta!r}")
+    heads = _model_heads(model, task, patch)
+    n_raw = sum(c for _, c in heads)
     if chunks is None:
-        chunk = tuple(default_chunk(s, p, overlap) for s, p in zip(shape, patch))
+        chunk = tuple(default_chunk(s, p, overlap, n_raw) for s, p in zip(shape, patch))
     elif np.isscalar(chunks):
         chunk = (int(chunks),) * 3
     else:
@@ -282,7 +369,6 @@ def predict(
         if len(chunk) != 3:
             raise InputError(f"chunks: expected 3 voxel counts (z, y, x), got {chunks}")
     plans = [plan_axis(s, p, overlap, c, ax) for s, p, c, ax in zip(shape, patch, chunk, DIMS)]
-    heads = _model_heads(model, task, patch)
 
     image = _as_dask(vol, chunk)
     if image.dtype != np.float32:
@@ -294,9 +380,18 @@ def predict(
             raise InputError(f"roi: shape {tuple(m.shape)} differs from the data's {shape}")
         roi_d = (_as_dask(m, chunk) > 0).astype(np.uint8)
 
-    dev_arg = None if device is None else str(device)
     runner = Runner(
-        model, task, heads, patch, overlap, int(batch_size), float(sigma_scale), dev_arg, amp
+        model,
+        task,
+        heads,
+        patch,
+        overlap,
+        int(batch_size),
+        float(sigma_scale),
+        dev_arg,
+        amp,
+        precision,
+        n_tta if n_tta > 1 else 0,
     )
     n_raw = runner.n_channels
     n_out = n_raw if task == "dense_ssl" else n_activated(task, heads)
@@ -310,7 +405,9 @@ def predict(
             "task": task,
             "patch_size": list(patch),
             "overlap": overlap,
+            "precision": _dtype_name(resolve_precision(precision, amp, pick_device(dev_arg))),
             "blending": "gaussian",
+            "tta_flips": n_tta if n_tta > 1 else 1,
             "sigma_scale": float(sigma_scale),
         }
     )

@@ -81,6 +81,22 @@ def run_isolated(code: str, timeout: float = 3600) -> tuple[str, float]:
     return "\n".join(lines[:-1]), peak_kib / 2**20
 
 
+def run_child(module: str, func: str, timeout: float = 7200, **kw) -> tuple[dict, float]:
+    """``benchmarks/<module>.py``'s ``func(**kw)`` in a fresh interpreter (see
+    :func:`run_isolated`): its JSON-able result and the child's peak RSS in GiB."""
+    import json
+
+    here, repo = Path(__file__).resolve().parent, Path(__file__).resolve().parents[1]
+    code = (
+        f"import sys, json; sys.path[:0] = [{str(here)!r}, {str(repo)!r}]\n"
+        f"import {module} as b\n"
+        f"print('RESULT', json.dumps(b.{func}(**json.loads({json.dumps(json.dumps(kw))}))))\n"
+    )
+    stdout, peak = run_isolated(code, timeout=timeout)
+    line = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT ") :]), peak
+
+
 def emit(df: pd.DataFrame, name: str, title: str) -> None:
     """Print ``df`` as a Markdown table and write CSV + Markdown to benchmarks/results/."""
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,6 @@ own high-water mark):
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import tempfile
@@ -40,7 +39,7 @@ import pandas as pd
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path[:0] = [str(HERE), str(REPO)]
-from _common import emit, run_isolated  # noqa: E402
+from _common import emit, run_child  # noqa: E402
 
 FULL = (256, 1024, 1024)
 SEPARATE = ("denoise", "lamella", "semantic", "instance")
@@ -122,14 +121,7 @@ def child_exactness(shape: list[int]) -> dict:
 
 
 def _child(func: str, timeout: float = 7200, **kw) -> tuple[dict, float]:
-    code = (
-        f"import sys, json; sys.path[:0] = [{str(HERE)!r}, {str(REPO)!r}]\n"
-        "import bench_dense_pipeline as b\n"
-        f"print('RESULT', json.dumps(b.{func}(**json.loads({json.dumps(json.dumps(kw))}))))\n"
-    )
-    stdout, peak = run_isolated(code, timeout=timeout)
-    line = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT ") :]), peak
+    return run_child("bench_dense_pipeline", func, timeout, **kw)
 
 
 # --------------------------------------------------------------------------- parent side

@@ -29,7 +29,6 @@ under a minute.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -41,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, run_isolated  # noqa: E402
+from _common import emit, run_child  # noqa: E402
 
 FULL = (256, 1024, 1024)
 HERE = Path(__file__).resolve().parent
@@ -152,14 +151,7 @@ def child_monolithic(mrc: str, region: list[int], model: str, overlap: float = 0
 
 
 def _run_child(func: str, timeout: float = 7200, **kw) -> tuple[dict, float]:
-    code = (
-        f"import sys, json; sys.path[:0] = [{str(HERE)!r}, {str(REPO)!r}]\n"
-        "import bench_inference as b\n"
-        f"print('RESULT', json.dumps(b.{func}(**json.loads({json.dumps(json.dumps(kw))}))))\n"
-    )
-    stdout, peak = run_isolated(code, timeout=timeout)
-    line = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT ") :]), peak
+    return run_child("bench_inference", func, timeout, **kw)
 
 
 # --------------------------------------------------------------------------- parent side

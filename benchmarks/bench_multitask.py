@@ -162,6 +162,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="one 64×128×128 tomogram")
     ap.add_argument("--weights", help="folder with tiny-<task>.pt (default: shipped models)")
     ap.add_argument("--no-robustness", action="store_true")
+    ap.add_argument(
+        "--with-shipped",
+        action="store_true",
+        help="with --weights: also the shipped tiny-multitask, to compare a new training run",
+    )
+    ap.add_argument("--no-separate", action="store_true", help="skip the four separate models")
     args = ap.parse_args(argv)
     from cryosiam_nb import models, pp, sim
 
@@ -172,9 +178,12 @@ def main(argv: list[str] | None = None) -> None:
         return models.load(src)
 
     sets = {"tiny-multitask (one pass)": {"multitask": load("multitask")}}
-    sets["separate tiny models"] = {
-        t: models.load(f"tiny-{t}") for t in ("denoise", "lamella", "semantic", "instance")
-    }
+    if args.with_shipped and args.weights is not None:
+        sets["shipped tiny-multitask"] = {"multitask": models.load("tiny-multitask")}
+    if not args.no_separate:
+        sets["separate tiny models"] = {
+            t: models.load(f"tiny-{t}") for t in ("denoise", "lamella", "semantic", "instance")
+        }
     tomos = held_out(args.quick)
     rows = []
     for tname, s in tomos:

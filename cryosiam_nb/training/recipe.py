@@ -103,9 +103,12 @@ RECIPE: dict[str, Any] = {
             "structures": {
                 "general": {"vesicles": 6.0, "sheets": 2.0, "microtubules": 14.0, "actin": 40.0}
             },
+            # both noise regimes (stage 1's dose range and stage 2's low SNR), so the rare
+            # classes are learnt without forgetting low-SNR input
+            "snr_range": (0.05, 0.4),
             "class_weights": "auto",
             "foreground_fraction": 0.8,
-            "epochs": 24,
+            "epochs": 40,
             "lr": 1e-3,
         },
     },

@@ -43,7 +43,7 @@ from _common import emit, run_child  # noqa: E402
 
 FULL = (256, 1024, 1024)
 SEPARATE = ("denoise", "lamella", "semantic", "instance")
-PREVIOUS = {"patch": "training", "overlap": 0.5, "precision": "float32"}
+PREVIOUS = {"patch": "training", "overlap": 0.5, "precision": "float32", "batch_size": 4}
 
 
 # --------------------------------------------------------------------------- child side

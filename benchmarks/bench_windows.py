@@ -93,6 +93,8 @@ def _rows(tomos, model, settings) -> pd.DataFrame:
         for window, overlap, precision in settings:
             win = inference_window(model, data.shape, window)
             kw = {"patch_size": win, "overlap": overlap, "precision": precision}
+            if window == 32:  # the previous default batch (one 32³ window is slow on CPU)
+                kw["batch_size"] = 4
             out, secs = dense(data, {"multitask": model}, **kw)
             r = score(out, s)
             evals = float(
@@ -127,6 +129,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="one small tomogram, two settings")
     ap.add_argument("--no-held-out", action="store_true", help="validation table only")
     ap.add_argument("--held-out-only", action="store_true", help="held-out table only")
+    ap.add_argument(
+        "--windows",
+        type=int,
+        nargs="+",
+        help="only these windows (overlap 0.25, precision auto) beside the previous default",
+    )
     args = ap.parse_args(argv)
     from cryosiam_nb import models
     from cryosiam_nb.inference import DEFAULT_OVERLAP, DEFAULT_WINDOW
@@ -134,10 +142,12 @@ def main(argv: list[str] | None = None) -> None:
     model = models.load("tiny-multitask")
     default = (DEFAULT_WINDOW, DEFAULT_OVERLAP, "auto")
     settings = [SETTINGS[0], default] if args.quick else SETTINGS
+    if args.windows:
+        settings = [SETTINGS[0]] + [(w, 0.25, "auto") for w in args.windows]
     if not args.held_out_only:
         emit(
             _rows(_validation(args.quick), model, settings),
-            "windows_validation",
+            "windows_validation" + ("_" + "_".join(map(str, args.windows)) if args.windows else ""),
             f"Inference window / overlap / precision on validation tomograms (seeds {VAL_SEEDS})",
         )
     if args.no_held_out or args.quick:

@@ -111,7 +111,7 @@ def plan_axis(size: int, patch: int, overlap: float, chunk: int, axis: str) -> A
 
 #: bytes of one chunk's stage-1 result (window sums over its region, float32) that the
 #: default chunk stays under; dask runs one chunk per core, each with a few such buffers
-CHUNK_BYTES = 160 * 2**20
+CHUNK_BYTES = 64 * 2**20
 
 
 def default_chunk(size: int, patch: int, overlap: float, n_channels: int = 1) -> int:
@@ -306,7 +306,11 @@ class Runner:
 
 
 # ============================================================================ chunk tasks
-def stage1(runner: Runner, image: np.ndarray, roi: np.ndarray | None) -> np.ndarray | None:
+def stage1(
+    runner: Runner, image: np.ndarray, roi: np.ndarray | None, after: object = None
+) -> np.ndarray | None:
+    """Window sums over one chunk's region (``after``: an earlier chunk's result, only an
+    ordering dependency of the graph)."""
     if image.size == 0:
         return None
     if roi is not None and not roi.any():
@@ -365,8 +369,10 @@ def stage2(
     task: str,
     heads: tuple[tuple[str, int], ...],
     n_out: int,
+    after: object = None,
 ) -> np.ndarray:
-    """Sum the window contributions landing in one chunk, normalise, activate, zero outside the roi."""
+    """Sum the window contributions landing in one chunk, normalise, activate, zero outside
+    the roi (``after``: this chunk's slices for its neighbours, an ordering dependency)."""
     total = None
     for part, place in zip(parts, places):
         if part is None:

@@ -30,6 +30,7 @@ there once and caches it. The zarr path must be on a file system all workers sha
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -69,10 +70,11 @@ __all__ = [
 ]
 
 #: default inference window (voxels per axis) and overlap, chosen from the quality-vs-speed
-#: table of ``benchmarks/bench_windows.py`` on validation tomograms (README): 64³ at overlap
-#: 0.25 (2.4 evaluations per voxel instead of 8) is as good as the 32³ training patch at 0.5;
-#: 96³ is no better and its chunks need ~1.5× the memory
-DEFAULT_WINDOW = 64
+#: tables of ``benchmarks/bench_windows.py`` on validation tomograms (README): 48³ or 64³ at
+#: overlap 0.25 (2.4 evaluations per voxel instead of 8) score like the 32³ training patch
+#: at 0.5; 96³ and 128³ are no better. 48³ keeps a chunk's buffers ~2.4× smaller than 64³
+#: (whole-tomogram peak memory), at the same speed.
+DEFAULT_WINDOW = 48
 DEFAULT_OVERLAP = 0.25
 
 
@@ -152,6 +154,18 @@ def _model_heads(model: torch.nn.Module, task: str, patch: tuple[int, int, int])
     return tuple(heads)
 
 
+def _in_flight() -> int:
+    """How many chunks may be under way at once: the active scheduler's threads + 1."""
+    from cryosiam_nb.inference._compute import _active_client
+
+    client = _active_client()
+    if client is not None:
+        n = sum(client.nthreads().values())
+    else:
+        n = dask.config.get("num_workers", None) or os.cpu_count() or 2
+    return max(2, int(n) + 1)
+
+
 def _graph(
     image: da.Array,
     roi: da.Array | None,
@@ -159,69 +173,87 @@ def _graph(
     runner: Runner,
     n_out: int,
 ) -> da.Array:
-    """The two-stage dask graph: ``(n_out, z, y, x)`` float32, chunked by ``plans``."""
+    """The two-stage dask graph: ``(n_out, z, y, x)`` float32, chunked by ``plans``.
+
+    Memory stays bounded by the order of the work, which the graph fixes: chunks are
+    visited with the axis of most chunks outermost, a chunk's windows start only once the
+    chunk :func:`_in_flight` places earlier is blended, and a chunk's blend waits for every
+    halo slice of its windows (so the windows' sums are released at once and only the thin
+    halos wait for the neighbours above).
+    """
     runner_d = dask.delayed(runner, pure=True, name=f"cryosiam-model-{runner.key}")
     tag = runner.key[:8]
     task, heads = runner.task, runner.heads
-    nz, ny, nx = (len(p.cores) for p in plans)
-    # stage 1: one task per chunk over the region of the windows it owns
-    first = {}
-    for i in range(nz):
-        for j in range(ny):
-            for k in range(nx):
-                reg = tuple(p.regions[n] for p, n in zip(plans, (i, j, k)))
-                sl = tuple(slice(a, e) for a, e in reg)
-                msk = None if roi is None else roi[sl]
-                first[i, j, k] = dask.delayed(stage1, pure=True)(
-                    runner_d, image[sl], msk, dask_key_name=f"cryosiam-windows-{tag}-{i}-{j}-{k}"
+    counts = tuple(len(p.cores) for p in plans)
+    axes = sorted(range(3), key=lambda a: (-counts[a], a))  # outermost first
+    order = []
+    for idx in itertools.product(*(range(counts[a]) for a in axes)):
+        c = [0, 0, 0]
+        for a, v in zip(axes, idx):
+            c[a] = v
+        order.append(tuple(c))
+    lag = _in_flight()
+    incoming: dict[tuple, list] = {c: [] for c in order}  # chunk → [(take, place)]
+    blocks: dict[tuple, Any] = {}
+    for n, c in enumerate(order):
+        name = "-".join(map(str, c))
+        reg = tuple(p.regions[m] for p, m in zip(plans, c))
+        sl = tuple(slice(a, e) for a, e in reg)
+        msk = None if roi is None else roi[sl]
+        gate = blocks[order[n - lag]] if n >= lag else None
+        first = dask.delayed(stage1, pure=True)(
+            runner_d, image[sl], msk, gate, dask_key_name=f"cryosiam-windows-{tag}-{name}"
+        )
+        outgoing = []  # slices of this chunk's windows for itself and its upper neighbours
+        for d in itertools.product((0, 1), repeat=3):
+            dst = tuple(v + dv for v, dv in zip(c, d))
+            if any(v >= cnt for v, cnt in zip(dst, counts)):
+                continue
+            core = tuple(p.cores[m] for p, m in zip(plans, dst))
+            src_sl, place = [], []
+            for (a, e), (c0, c1) in zip(reg, core):
+                lo, hi = max(a, c0), min(e, c1)
+                src_sl.append(slice(lo - a, hi - a) if hi > lo else None)
+                place.append(slice(lo - c0, hi - c0))
+            if any(v is None for v in src_sl):
+                continue
+            piece = dask.delayed(take, pure=True)(
+                first,
+                tuple(src_sl),
+                dask_key_name=f"cryosiam-take-{tag}-{name}-{''.join(map(str, d))}",
+            )
+            incoming[dst].append((piece, tuple(place)))
+            outgoing.append(piece)
+        core = tuple(p.cores[m] for p, m in zip(plans, c))
+        core_sl = tuple(slice(a, b) for a, b in core)
+        core_shape = tuple(b - a for a, b in core)
+        msk = None if roi is None else roi[core_sl]
+        pieces = incoming.pop(c)
+        blocks[c] = dask.delayed(stage2, pure=True)(
+            [p for p, _ in pieces],
+            [pl for _, pl in pieces],
+            msk,
+            core_shape,
+            task,
+            heads,
+            n_out,
+            outgoing,
+            dask_key_name=f"cryosiam-blend-{tag}-{name}",
+        )
+    rows = [
+        [
+            [
+                da.from_delayed(
+                    blocks[i, j, k],
+                    (n_out, *(b - a for a, b in (p.cores[m] for p, m in zip(plans, (i, j, k))))),
+                    dtype=np.float32,
                 )
-    # stage 2: each chunk sums the contributions of itself and its lower neighbours
-    rows = []
-    for i in range(nz):
-        plane = []
-        for j in range(ny):
-            line = []
-            for k in range(nx):
-                core = tuple(p.cores[n] for p, n in zip(plans, (i, j, k)))
-                parts, places = [], []
-                for di in (0, 1):
-                    for dj in (0, 1):
-                        for dk in (0, 1):
-                            src = (i - di, j - dj, k - dk)
-                            if min(src) < 0:
-                                continue
-                            reg = [p.regions[n] for p, n in zip(plans, src)]
-                            sl, place = [], []
-                            for (a, e), (c0, c1) in zip(reg, core):
-                                lo, hi = max(a, c0), min(e, c1)
-                                sl.append(slice(lo - a, hi - a) if hi > lo else None)
-                                place.append(slice(lo - c0, hi - c0))
-                            if any(s is None for s in sl):
-                                continue
-                            places.append(tuple(place))
-                            parts.append(
-                                dask.delayed(take, pure=True)(
-                                    first[src],
-                                    tuple(sl),
-                                    dask_key_name=f"cryosiam-take-{tag}-{i}-{j}-{k}-{di}{dj}{dk}",
-                                )
-                            )
-                core_sl = tuple(slice(a, b) for a, b in core)
-                core_shape = tuple(b - a for a, b in core)
-                msk = None if roi is None else roi[core_sl]
-                block = dask.delayed(stage2, pure=True)(
-                    parts,
-                    places,
-                    msk,
-                    core_shape,
-                    task,
-                    heads,
-                    n_out,
-                    dask_key_name=f"cryosiam-blend-{tag}-{i}-{j}-{k}",
-                )
-                line.append(da.from_delayed(block, (n_out, *core_shape), dtype=np.float32))
-            plane.append(line)
-        rows.append(plane)
+                for k in range(counts[2])
+            ]
+            for j in range(counts[1])
+        ]
+        for i in range(counts[0])
+    ]
     return da.block(rows)
 
 
@@ -267,8 +299,9 @@ def predict(
         Fraction of a window shared by neighbouring windows (MONAI ``overlap``), in [0, 1);
         default :data:`DEFAULT_OVERLAP`.
     batch_size
-        Windows per forward pass; default 1 on CPU (no gain from batching there, less
-        memory), 4 on a GPU.
+        Windows per forward pass; default on CPU as many as make about 64³ voxels (1 for
+        the default window, 4 for 32³ windows: oneDNN runs a single 32³ window ~10× slower
+        per voxel), 4 on a GPU.
     roi
         Optional region of interest: a 0/1 (z, y, x) volume on the same grid (e.g.
         :func:`~cryosiam_nb.inference.lamella_mask`). Windows and chunks without any voxel
@@ -279,7 +312,7 @@ def predict(
         Output chunk (z, y, x) in voxels: a multiple of the window stride and ≥ the patch;
         default two windows per axis, capped at 128 voxels but never below one window,
         rounded up to the stride, then made smaller (by strides, not below one window)
-        while a chunk's window sums exceed ``CHUNK_BYTES`` (160 MiB) — the case of the
+        while a chunk's window sums exceed ``CHUNK_BYTES`` (64 MiB) — the case of the
         multi-task model's 21 channels. Memory per running chunk ≈ (chunk + window)³ ×
         (output channels + 2) × 4 bytes.
     sigma_scale
@@ -346,8 +379,9 @@ def predict(
     if not 0 <= float(overlap) < 1:
         raise InputError(f"overlap: must be in [0, 1), got {overlap}")
     dev_arg = None if device is None else str(device)
-    if batch_size is None:
-        batch_size = 1 if pick_device(dev_arg).type == "cpu" else 4
+    if batch_size is None:  # CPU: ~64³ voxels per forward (oneDNN is slow on one 32³ window)
+        cpu = pick_device(dev_arg).type == "cpu"
+        batch_size = min(4, max(1, 64**3 // int(np.prod(patch)))) if cpu else 4
     if int(batch_size) < 1:
         raise InputError(f"batch_size: must be ≥ 1, got {batch_size}")
     try:

@@ -76,8 +76,14 @@ def child_pipeline(mrc: str, region: list[int], models_: list[str], settings: di
     z, y, x = region
     tomo = tomo[:z, :y, :x]
     nets = [models.load(m) for m in models_]
+    import resource
+
+    def cpu_s() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
     with tempfile.TemporaryDirectory(prefix="bench_dense_") as tmpd:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_s()
         for i, net in enumerate(nets):
             kw = {k: v for k, v in settings.items() if k != "patch"}
             if settings.get("patch") == "training":
@@ -85,7 +91,13 @@ def child_pipeline(mrc: str, region: list[int], models_: list[str], settings: di
             ds = tl.predict(tomo, net, **kw)
             write_predictions(ds, Path(tmpd) / f"out{i}.zarr", progress=False)
         wall = time.perf_counter() - t0
-    return {"wall_s": wall, "voxels": int(z * y * x), "window": ds.attrs["patch_size"]}
+        cores = (cpu_s() - c0) / wall
+    return {
+        "wall_s": wall,
+        "voxels": int(z * y * x),
+        "window": ds.attrs["patch_size"],
+        "cores": cores,
+    }
 
 
 def child_exactness(shape: list[int]) -> dict:
@@ -145,6 +157,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="CI-sized (< 1 min)")
     ap.add_argument("--no-full-size", action="store_true", help="skip the whole tomogram")
+    ap.add_argument(
+        "--only-today", action="store_true", help="skip the previous-defaults block runs"
+    )
     ap.add_argument("--block", type=int, nargs=3, default=(64, 256, 256), metavar=("Z", "Y", "X"))
     args = ap.parse_args(argv)
     block = (32, 64, 64) if args.quick else tuple(args.block)
@@ -165,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
             ("tiny-multitask, previous defaults", ["tiny-multitask"], PREVIOUS),
             ("tiny-multitask, today's defaults", ["tiny-multitask"], {}),
         ]
+        if args.only_today:
+            runs = runs[-1:]
         for name, ms, settings in runs:
             res, rss = _child(
                 "child_pipeline", mrc=str(mrc), region=list(block), models_=ms, settings=settings
@@ -227,6 +244,7 @@ def _row(name: str, shape, res: dict, rss: float, fpv: float, peak: dict) -> dic
         "Mvox/s": round(mvox / res["wall_s"], 4),
         "µs/voxel": round(1e6 * res["wall_s"] / res["voxels"], 3),
         "peak RSS GiB": round(rss, 2),
+        "cores busy": round(res.get("cores", float("nan")), 2),
         "useful GFLOP/s": round(useful, 1),
         "% of fp32 peak": round(100 * useful / peak["fp32"], 1),
     }

@@ -40,6 +40,7 @@ import dask.array as da
 import numpy as np
 import torch
 import xarray as xr
+from dask.delayed import Delayed
 
 from cryosiam_nb.constants import DENSE_TASKS, DIMS
 from cryosiam_nb.device import pick_device
@@ -200,7 +201,9 @@ def _graph(
         reg = tuple(p.regions[m] for p, m in zip(plans, c))
         sl = tuple(slice(a, e) for a, e in reg)
         msk = None if roi is None else roi[sl]
-        gate = blocks[order[n - lag]] if n >= lag else None
+        # a bare key reference: passing the Delayed itself would drag (and re-cull) the
+        # whole graph built so far into every call — quadratic in the number of chunks
+        gate = Delayed(blocks[order[n - lag]].key, {}) if n >= lag else None
         first = dask.delayed(stage1, pure=True)(
             runner_d, image[sl], msk, gate, dask_key_name=f"cryosiam-windows-{tag}-{name}"
         )

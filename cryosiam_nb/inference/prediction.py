@@ -430,7 +430,6 @@ def predict(
         precision,
         n_tta if n_tta > 1 else 0,
     )
-    n_raw = runner.n_channels
     n_out = n_raw if task == "dense_ssl" else n_activated(task, heads)
     stacked = _graph(image, roi_d, plans, runner, n_out)
 

@@ -133,21 +133,31 @@ def main(argv: list[str] | None = None) -> None:
         "--windows",
         type=int,
         nargs="+",
-        help="only these windows (overlap 0.25, precision auto) beside the previous default",
+        help="only these windows (precision auto) beside the previous default",
     )
+    ap.add_argument(
+        "--overlaps",
+        type=float,
+        nargs="+",
+        default=[0.25],
+        help="with --windows: the overlaps to try for each window (default 0.25)",
+    )
+    ap.add_argument("--weights", help="folder with tiny-multitask.pt (default: the shipped one)")
     args = ap.parse_args(argv)
     from cryosiam_nb import models
     from cryosiam_nb.inference import DEFAULT_OVERLAP, DEFAULT_WINDOW
 
-    model = models.load("tiny-multitask")
+    src = Path(args.weights) / "tiny-multitask.pt" if args.weights else "tiny-multitask"
+    model = models.load(src)
     default = (DEFAULT_WINDOW, DEFAULT_OVERLAP, "auto")
     settings = [SETTINGS[0], default] if args.quick else SETTINGS
     if args.windows:
-        settings = [SETTINGS[0]] + [(w, 0.25, "auto") for w in args.windows]
+        settings = [SETTINGS[0]] + [(w, o, "auto") for w in args.windows for o in args.overlaps]
     if not args.held_out_only:
         emit(
             _rows(_validation(args.quick), model, settings),
-            "windows_validation" + ("_" + "_".join(map(str, args.windows)) if args.windows else ""),
+            "windows_validation"
+            + ("_" + "_".join(f"{w}-{o}" for w, o, _ in settings[1:]) if args.windows else ""),
             f"Inference window / overlap / precision on validation tomograms (seeds {VAL_SEEDS})",
         )
     if args.no_held_out or args.quick:

@@ -240,3 +240,69 @@ def test_recipe_continues_the_shipped_model_with_a_stage_and_leaves_no_side_file
     assert m.metadata["stages"]["stage3"]["class_weights"]["semantic"][0] == 1.0
     assert "Stage3 steps" in (tmp_path / "tiny-multitask.md").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-multitask.md", "tiny-multitask.pt"]
+
+
+@pytest.mark.parametrize("task", ["multitask", "semantic"])
+def test_shift_logits_adds_the_shift_to_the_semantic_logits_only(task):
+    from cryosiam_nb.training.calibration import shift_logits
+
+    m = _model(3, task)
+    x = torch.from_numpy(_vol((16, 16, 16), seed=4))[None, None]
+    key = "semantic/logits" if task == "multitask" else "logits"
+    with torch.inference_mode():
+        before = {k: v.clone() for k, v in m(x).items()}
+    shift = np.array([0.0, -1.5, -2.0, 0.5, -1.0, 0.25], np.float32)
+    shift_logits(m, shift)
+    with torch.inference_mode():
+        after = m(x)
+    delta = (after[key] - before[key]).mean(dim=(0, 2, 3, 4)).numpy()
+    np.testing.assert_allclose(delta, shift, atol=1e-5)
+    for k in before:
+        if k != key:
+            torch.testing.assert_close(after[k], before[k])
+    with pytest.raises(InputError, match="fewer channels"):
+        shift_logits(m, np.zeros(40))
+
+
+def test_semantic_prior_is_calibrated_on_validation_tomograms():
+    from cryosiam_nb.training.calibration import (
+        PRIOR_ALPHAS,
+        calibrate_semantic_prior,
+        prior_shift,
+    )
+
+    tomos = varied_training_set(1, (24, 40, 40), seed=22, mode="fast", progress=False)
+    m = _model(5)
+    with pytest.raises(InputError, match="class weights"):
+        calibrate_semantic_prior(m, tomos, progress=False)
+    m.metadata["training"] = {"class_weights": {"semantic": [1.0, 4.0, 10.0, 2.0, 10.0, 10.0]}}
+    alpha, table = calibrate_semantic_prior(m, tomos, progress=False)
+    assert alpha in PRIOR_ALPHAS and len(table) == len(PRIOR_ALPHAS)
+    assert table["semantic_dice"].is_monotonic_decreasing
+    assert table.iloc[0]["alpha"] == alpha
+    np.testing.assert_allclose(prior_shift([1.0, np.e], 0.5), [0.0, -0.5], atol=1e-6)
+    with pytest.raises(InputError, match="positive"):
+        prior_shift([1.0, 0.0], 0.5)
+
+
+def test_recipe_calibrate_only_replaces_the_prior_correction_instead_of_stacking(tmp_path):
+    import shutil
+
+    from cryosiam_nb.training import recipe
+    from cryosiam_nb.training.calibration import _logit_layer
+
+    shutil.copy(models.WEIGHTS_DIR / "tiny-multitask.pt", tmp_path / "tiny-multitask.pt")
+    argv = ["--quick", "--only", "multitask", "--out", str(tmp_path), "--no-progress"]
+    biases = []
+    for _ in range(2):
+        assert recipe.main([*argv, "--calibrate-only"]) == 0
+        m = models.load(tmp_path / "tiny-multitask.pt")
+        conv, off = _logit_layer(m, "semantic")
+        biases.append(conv.bias.detach()[off : off + 6].clone())
+        prior = m.metadata["semantic_prior"]
+        assert len(prior["shift"]) == 6 and prior["shift"][0] == 0.0
+        assert set(m.metadata["instance_defaults"]) >= {"threshold_foreground", "average_edt"}
+    # the same calibration data choose the same α: the bias must not move the second time
+    torch.testing.assert_close(biases[0], biases[1])
+    card = (tmp_path / "tiny-multitask.md").read_text()
+    assert "Semantic prior correction" in card and "--calibrate-only" in card

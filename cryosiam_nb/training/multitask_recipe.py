@@ -28,6 +28,7 @@ __all__ = [
     "STAGES",
     "finish_shipped_multitask",
     "STRUCTURES",
+    "calibration_set",
 ]
 
 #: extra structure counts per (256 nm)² for the general sample: every class occurs
@@ -48,6 +49,39 @@ def _simulated(mc: dict[str, Any], prefix: str, progress: bool) -> list:
         mode=mc.get("mode", "tilt"),
         progress=progress,
     )
+
+
+def calibration_set(mc: dict[str, Any], progress: bool = True) -> list:
+    """The recipe's calibration tomograms (``mc["calibration_val"]``): the simulator's
+    default imaging at 10 Å, normalised like inference input; validation seeds only."""
+    from tqdm.auto import tqdm
+
+    from cryosiam_nb import sim
+
+    from .data import Tomogram, _normalise
+
+    cv = mc.get("calibration_val")
+    if not cv:
+        return []
+    out = []
+    for seed, sample in tqdm(
+        list(zip(cv["seeds"], cv["samples"])), desc="simulate", disable=not progress
+    ):
+        s = sim.simulate(
+            tuple(cv["shape"]),
+            voxel_size=10.0,
+            sample=sample,
+            seed=int(seed),
+            mode=cv.get("mode", "tilt"),
+            keep_tilt_series=False,
+            progress=False,
+        )
+        v = s.volumes
+        labels = {"clean": _normalise(v["clean"].values)}
+        labels.update({k: np.asarray(v[k].values) for k in ("semantic", "instances", "lamella")})
+        name = f"sim_{seed}_{sample}_default"
+        out.append(Tomogram(name, _normalise(v["noisy"].values), labels, 10.0, s.particles))
+    return out
 
 
 def _seconds_per_step(model_kwargs: dict[str, Any], tomos: list, mc: dict[str, Any]) -> float:
@@ -128,12 +162,31 @@ def _card(path: Path, model: Any, mc: dict[str, Any], command: str, metrics: dic
         f"- Training time: {md.get('train_seconds', 0) / 60:.0f} min on "
         f"{md.get('train_threads', '?')} CPU thread(s)",
         f"- Training settings: `{json.dumps(tr, default=str)}`",
+        *(
+            [
+                "- Semantic prior correction (`training.calibration`): the logits' bias is "
+                f"shifted by −α·log(class weight), α = {md['semantic_prior']['alpha']} chosen "
+                "on the validation tomograms (mean Dice of the classes present): "
+                + ", ".join(
+                    f"α {r['alpha']}: {r['semantic_dice']:.3f}"
+                    for r in sorted(md["semantic_prior"]["table"], key=lambda r: r["alpha"])
+                )
+            ]
+            if md.get("semantic_prior")
+            else []
+        ),
+        "- Calibration tomograms: the validation tomograms above plus "
+        f"{len((mc.get('calibration_val') or {}).get('seeds', ()))} with the simulator's "
+        f"default imaging (`calibration_set`: `{json.dumps(mc.get('calibration_val'))}`)",
         "- Instance post-processing chosen on the validation tomograms "
         "(`training.multitask.tune_instance_defaults`, mean of AP-50 and small-particle F1): "
         f"`{json.dumps(md.get('instance_defaults', {}))}` — pass them to `tl.instances` as "
         "`**model.metadata['instance_defaults']` (the demo does)",
         "",
         "## Validation metrics (held-out simulated tomograms, one `tl.predict` pass)",
+        "",
+        "Measured when training ended; the `tuned_*` and `calibrated_*` rows after "
+        "calibration (on the calibration tomograms).",
         "",
         "| metric | value |",
         "|---|---|",
@@ -142,8 +195,9 @@ def _card(path: Path, model: Any, mc: dict[str, Any], command: str, metrics: dic
     lines += [
         "",
         "## Limits",
-        "A tiny CPU model trained for about an hour on simulated data; see "
-        "`benchmarks/bench_multitask.py` for held-out quality against the thesis.",
+        f"A tiny CPU model trained for {md.get('train_seconds', 0) / 60:.0f} min on simulated "
+        "data; `benchmarks/bench_multitask.py` measures its held-out quality against the "
+        "thesis (README).",
         "",
     ]
     with atomic_path(path) as tmp:
@@ -288,7 +342,11 @@ def continue_shipped_multitask(
     val = _simulated(mc, "val_", progress)
     for name in stages:
         val = val + train_stage(path, cfg, name, progress, resume)
-    cmd = command + " --only multitask --stages " + " ".join(stages)
+    cmd = (
+        command
+        + " --only multitask "
+        + ("--stages " + " ".join(stages) if stages else "--calibrate-only")
+    )
     return finish_shipped_multitask(path, cfg, cmd, progress, val)
 
 
@@ -303,20 +361,47 @@ def _save_with_metadata(model: Any, path: Path) -> None:
 def finish_shipped_multitask(
     path: Path, cfg: dict[str, Any], command: str, progress: bool = True, val: list | None = None
 ) -> dict[str, float]:
-    """Tune the instance post-processing on the validation tomograms, store it in the
-    checkpoint's ``metadata["instance_defaults"]`` and write the model card."""
+    """Calibrate the checkpoint on validation tomograms and write the model card.
+
+    The validation tomograms (``val``: the stages' own) plus :func:`calibration_set` (the
+    simulator's default imaging) are used to (1) choose the semantic prior correction α
+    (:func:`~cryosiam_nb.training.calibration.calibrate_semantic_prior`, when the last
+    stage used CE class weights), folded into the semantic logits' bias and recorded in
+    ``metadata["semantic_prior"]`` (a previous correction is undone first), then (2) tune
+    the instance post-processing, stored in ``metadata["instance_defaults"]``.
+    """
     from cryosiam_nb import models
+
+    from .calibration import calibrate_semantic_prior, prior_shift, shift_logits
 
     mc = dict(cfg["multitask"])
     if val is None:
         val = _simulated(mc, "val_", progress)
+    val = list(val) + calibration_set(mc, progress)
     model = models.load(path)
+    cw = (model.metadata.get("training", {}).get("class_weights") or {}).get("semantic")
+    if cw:
+        old = model.metadata.get("semantic_prior", {}).get("shift")
+        if old:
+            shift_logits(model, -np.asarray(old, np.float32))
+        alpha, prior_table = calibrate_semantic_prior(model, val, progress=progress)
+        print("semantic prior correction on validation tomograms (best first):")
+        print(prior_table.to_string(index=False))
+        shift = prior_shift(cw, alpha)
+        shift_logits(model, shift)
+        model.metadata["semantic_prior"] = {
+            "alpha": alpha,
+            "shift": [float(x) for x in shift],
+            "table": prior_table.to_dict(orient="records"),
+        }
     best, table = tune_instance_defaults(model, val, progress=progress)
     print("instance post-processing on validation tomograms (best first):")
     print(table.head(5).to_string(index=False))
     model.metadata["instance_defaults"] = best
     metrics = dict(model.metadata.get("metrics", {}))
     metrics.update({f"tuned_{k}": float(table.iloc[0][k]) for k in ("ap50", "f1_small")})
+    if model.metadata.get("semantic_prior"):  # on all calibration tomograms, best α
+        metrics["calibrated_semantic_dice"] = float(prior_table.iloc[0]["semantic_dice"])
     model.metadata["metrics"] = metrics
     _save_with_metadata(model, path)
     _card(path.with_suffix(".md"), model, mc, command, metrics)

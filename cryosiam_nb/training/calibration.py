@@ -1,0 +1,131 @@
+"""Post-training calibration of the semantic head: undo the prior of class-weighted CE.
+
+Training with class weights ``w_c`` (rare microtubules, actin, DNA up-weighted up to 10×,
+:func:`~cryosiam_nb.training.multitask.class_weights_of`) makes the network predict those
+classes as if they were ``w_c`` times commoner than they are: on tomograms with few of
+them it paints false microtubules and DNA into particles and membranes. The standard
+correction (logit adjustment) subtracts ``α · log w_c`` from each class' logit. α = 0
+keeps the weighted training's bias, α = 1 removes it fully; the best α is chosen on
+**validation** tomograms (:func:`calibrate_semantic_prior`) and folded into the bias of
+the layer that outputs the logits (:func:`shift_logits`), so inference is unchanged in
+cost and every user of the checkpoint gets it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cryosiam_nb.io import InputError
+
+from .data import Tomogram
+
+__all__ = ["shift_logits", "prior_shift", "calibrate_semantic_prior", "PRIOR_ALPHAS"]
+
+#: the α values :func:`calibrate_semantic_prior` tries
+PRIOR_ALPHAS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def _logit_layer(model: Any, task: str) -> tuple[torch.nn.Conv3d, int]:
+    """(last conv writing ``task``'s logits, channel offset of the logits in its output)."""
+    heads = getattr(model, "heads", None)
+    head = getattr(heads, task, None) if getattr(model, "task", None) == "multitask" else heads
+    if head is None:
+        raise InputError(f"model: has no {task!r} heads to shift")
+    if hasattr(head, "trunk"):  # fused: one conv, outputs split by ``sizes``
+        offset = 0
+        for key, size in zip(head.keys, head.sizes):
+            if key == "logits":
+                break
+            offset += size
+        else:
+            raise InputError(f"model: the {task!r} heads have no logits")
+        conv = head.trunk[-1]
+    else:
+        names = dict(getattr(head, "outputs", []))
+        if "logits" not in names:
+            raise InputError(f"model: the {task!r} heads have no logits")
+        conv, offset = getattr(head, names["logits"])[-1], 0
+    if not isinstance(conv, torch.nn.Conv3d) or conv.bias is None:
+        raise InputError(f"model: the {task!r} logits do not come from a Conv3d with a bias")
+    return conv, offset
+
+
+def shift_logits(model: Any, shift: Sequence[float], task: str = "semantic") -> None:
+    """Add ``shift[c]`` to ``task``'s logit of class ``c`` everywhere, in place.
+
+    Folded into the bias of the convolution that outputs the logits, so the model's
+    forward (and every checkpoint saved from it) includes the shift.
+    """
+    conv, offset = _logit_layer(model, task)
+    s = torch.as_tensor(np.asarray(shift, dtype=np.float32))
+    n = int(s.numel())
+    if offset + n > conv.out_channels:
+        raise InputError(f"shift: {n} values, the {task!r} logits have fewer channels")
+    with torch.no_grad():
+        conv.bias[offset : offset + n] += s.to(conv.bias.device, conv.bias.dtype)
+
+
+def prior_shift(class_weights: Sequence[float], alpha: float) -> np.ndarray:
+    """``-α · log w_c``: the logit shift that removes a fraction α of the CE class weights'
+    prior (α in [0, 1])."""
+    w = np.asarray(class_weights, dtype=np.float64)
+    if w.ndim != 1 or not np.all(w > 0):
+        raise InputError(f"class_weights: expected positive weights, got {list(w)}")
+    return (-float(alpha) * np.log(w)).astype(np.float32)
+
+
+def _dice_present(pred: np.ndarray, gt: np.ndarray) -> float:
+    out = []
+    for c in np.unique(gt):
+        p, g = pred == c, gt == c
+        out.append(2.0 * np.sum(p & g) / max(int(p.sum() + g.sum()), 1))
+    return float(np.mean(out))
+
+
+def calibrate_semantic_prior(
+    model: Any,
+    tomograms: Sequence[Tomogram],
+    alphas: Sequence[float] = PRIOR_ALPHAS,
+    progress: bool = True,
+) -> tuple[float, pd.DataFrame]:
+    """Choose α of the class-weight prior correction on **validation** tomograms.
+
+    Needs ``model.metadata["training"]["class_weights"]["semantic"]`` (the weights the last
+    training stage used). Each α is scored by the semantic Dice over the classes present,
+    averaged over ``tomograms`` (one ``tl.predict`` pass each; the shift is applied to the
+    predicted log-probabilities, which is exact for the argmax). Returns the best α and the
+    table (one row per α, best first); on a tie the smaller α wins. Does not change
+    ``model``: apply the result with ``shift_logits(model, prior_shift(w, alpha))``.
+    """
+    from tqdm.auto import tqdm
+
+    from cryosiam_nb.inference import outputs_of, predict
+
+    cw = (model.metadata.get("training", {}).get("class_weights") or {}).get("semantic")
+    if not cw:
+        raise InputError("model: trained without semantic class weights; nothing to calibrate")
+    if not tomograms:
+        raise InputError("tomograms: need at least one validation tomogram")
+    logp = []
+    for t in tqdm(tomograms, desc="calibrate semantic", disable=not progress):
+        if "semantic" not in t.labels:
+            raise InputError(f"{t.name}: has no semantic labels to calibrate on")
+        prob = outputs_of(predict(t.image, model).compute(), "semantic")["probabilities"]
+        logp.append(np.log(np.maximum(prob.values.astype(np.float32), 1e-6)))
+    rows = []
+    for a in alphas:
+        b = prior_shift(cw, a)[:, None, None, None]
+        scores = [
+            _dice_present(np.argmax(lp + b, axis=0), np.asarray(t.labels["semantic"]))
+            for lp, t in zip(logp, tomograms)
+        ]
+        rows.append({"alpha": float(a), "semantic_dice": float(np.mean(scores))})
+    table = pd.DataFrame(rows).sort_values(
+        ["semantic_dice", "alpha"], ascending=[False, True], kind="stable"
+    )
+    return float(table.iloc[0]["alpha"]), table.reset_index(drop=True)

@@ -71,12 +71,12 @@ __all__ = [
 ]
 
 #: default inference window (voxels per axis) and overlap, chosen from the quality-vs-speed
-#: tables of ``benchmarks/bench_windows.py`` on validation tomograms (README): 48³ or 64³ at
-#: overlap 0.25 (2.4 evaluations per voxel instead of 8) score like the 32³ training patch
-#: at 0.5; 96³ and 128³ are no better. 48³ keeps a chunk's buffers ~2.4× smaller than 64³
-#: (whole-tomogram peak memory), at the same speed.
-DEFAULT_WINDOW = 48
-DEFAULT_OVERLAP = 0.25
+#: tables of ``benchmarks/bench_windows.py`` on validation tomograms (README): 64³ at
+#: overlap 0.125 (1.5 evaluations per voxel on a large volume, instead of 8 with the 32³
+#: training patch at 0.5) scores like 32³ / 0.5 and at least like 48³ or 64³ at 0.25;
+#: 96³ and 128³ are no better. The whole 256×1024×1024 pipeline peaks at 2.1 GiB with it.
+DEFAULT_WINDOW = 64
+DEFAULT_OVERLAP = 0.125
 
 
 def inference_window(

@@ -78,6 +78,7 @@ def test_instance_apply_runs_the_whole_tomogram_and_returns_the_params(maps):
     tuner.sliders["boundary_bias"].value = 0.7
     tuner.sliders["min_size"].value = 20
     tuner.sliders["multicut"].value = False
+    tuner.sliders["average_edt"].value = True
     params = tuner.apply()
     assert params == {
         "threshold_foreground": 0.5,
@@ -86,6 +87,7 @@ def test_instance_apply_runs_the_whole_tomogram_and_returns_the_params(maps):
         "boundary_bias": 0.7,
         "min_size": 20,
         "multicut": False,
+        "average_edt": True,
     }
     assert tuner.result.shape == (32, 64, 64)
     direct = instances(maps, progress=False, **params)

@@ -8,11 +8,11 @@ the volume edge) and blends them with Gaussian weights ``g``:
 ``out(v) = Σ_w g_w(v) f_w(v) / Σ_w g_w(v)``. Every window depends only on the voxels it
 covers. Here the volume is cut into chunks whose size is a multiple of the stride, so each
 global window *starts* in exactly one chunk, which **owns** it. For every chunk one dask task
-(:func:`stage1`) runs MONAI's ``sliding_window_inference`` over the region covered by the
-windows it owns (its core plus a halo of ``patch - stride`` voxels on the high side);
-MONAI's own grid over that region is exactly the owned windows (checked when the graph is
-built). The task returns the weighted sum ``Σ g f`` and the weight sum ``Σ g`` (MONAI's
-output multiplied back by its count map). A second task per chunk (:func:`stage2`) adds
+(:func:`stage1`) runs the windows it owns over the region they cover (its core plus a halo
+of ``patch - stride`` voxels on the high side): MONAI's own window grid over that region
+(``dense_patch_slices``) is exactly the owned windows (checked when the graph is built).
+The task accumulates the weighted sum ``Σ g f`` with MONAI's Gaussian importance map ``g``
+and returns it with the weight sum ``Σ g``. A second task per chunk (:func:`stage2`) adds
 the halo contributions of its (up to 7) lower neighbours and divides. The result equals
 one monolithic ``sliding_window_inference`` (same patch, overlap, Gaussian blending) to
 float rounding, and no window is ever run twice.
@@ -261,47 +261,69 @@ class Runner:
                 _COUNT_CACHE.popitem(last=False)
         return out
 
+    def importance(self, dev: torch.device) -> torch.Tensor:
+        """MONAI's Gaussian importance map of one window (float32, on ``dev``), cached."""
+        from monai.data.utils import compute_importance_map
+
+        key = ("importance", self.patch, self.sigma_scale, str(dev))
+        with _CACHE_LOCK:
+            hit = _COUNT_CACHE.get(key)
+        if hit is None:
+            hit = compute_importance_map(
+                self.patch, mode="gaussian", sigma_scale=self.sigma_scale, device=dev
+            ).to(torch.float32)
+            with _CACHE_LOCK:
+                _COUNT_CACHE[key] = hit
+        return hit
+
     def run(self, image: np.ndarray, roi: np.ndarray | None) -> np.ndarray:
         """Weighted sums over the owned windows of one region: ``(C + 1, *region)`` float32.
 
-        Channels ``:C`` hold ``Σ g·f`` (un-activated head outputs), the last ``Σ g``.
-        With an roi, windows containing no roi voxel are not run (they add zero).
+        Channels ``:C`` hold ``Σ g·f`` (un-activated head outputs), the last ``Σ g``. The
+        windows are MONAI's (``dense_patch_slices`` with MONAI's stride rule, the region
+        padded like ``sliding_window_inference`` pads a volume smaller than the window) and
+        ``g`` is MONAI's Gaussian ``compute_importance_map``; the sums are accumulated
+        directly (``sliding_window_inference`` would divide by ``Σ g``, which the blend
+        needs undone). With an roi, windows containing no roi voxel are not run (they add
+        zero).
         """
-        from monai.inferers import sliding_window_inference
+        from monai.data.utils import dense_patch_slices
 
         dev = pick_device(self.device)
         model = self.module(dev)
-        x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+        shape = tuple(int(s) for s in image.shape)
+        padded = tuple(max(s, p) for s, p in zip(shape, self.patch))
+        crop = tuple(slice((p - s) // 2, (p - s) // 2 + s) for s, p in zip(shape, padded))
+        x = torch.zeros((1, 1, *padded), dtype=torch.float32)
+        x[(0, 0, *crop)] = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
         if roi is not None:
-            m = torch.from_numpy(np.ascontiguousarray(roi, dtype=np.float32))[None, None]
-            x = torch.cat([x, m], dim=1)
+            m = np.zeros(padded, dtype=bool)
+            m[crop] = np.asarray(roi) > 0
         x = x.to(dev)
         n_ch = self.n_channels
-
-        def predictor(batch: torch.Tensor) -> torch.Tensor:
-            if roi is None:
-                return self.forward(model, batch, dev)
-            keep = batch[:, 1].flatten(1).amax(dim=1) > 0
-            out = torch.zeros((batch.shape[0], n_ch, *batch.shape[2:]), device=batch.device)
-            if bool(keep.any()):
-                out[keep] = self.forward(model, batch[keep][:, :1], dev)
-            return out
-
+        out = np.empty((n_ch + 1, *shape), dtype=np.float32)
+        cpu_direct = dev.type == "cpu" and padded == shape
+        if cpu_direct:  # accumulate straight into the result
+            acc = torch.from_numpy(out[:n_ch])
+            acc.zero_()
+        else:
+            acc = torch.zeros((n_ch, *padded), dtype=torch.float32, device=dev)
+        strides = tuple(scan_interval(s, p, self.overlap) for s, p in zip(padded, self.patch))
+        windows = dense_patch_slices(padded, self.patch, strides)
+        if roi is not None:
+            windows = [sl for sl in windows if m[sl].any()]
+        imp = self.importance(dev)
         with torch.inference_mode():
-            y = sliding_window_inference(
-                x,
-                roi_size=self.patch,
-                sw_batch_size=self.batch_size,
-                predictor=predictor,
-                overlap=self.overlap,
-                mode="gaussian",
-                sigma_scale=self.sigma_scale,
-            )
-        y = y[0].float().cpu().numpy()
-        cnt = self.count_map(tuple(image.shape))
-        out = np.empty((n_ch + 1, *cnt.shape), dtype=np.float32)
-        np.multiply(y, cnt[None], out=out[:n_ch])
-        out[n_ch] = cnt
+            for i in range(0, len(windows), self.batch_size):
+                group = windows[i : i + self.batch_size]
+                batch = torch.cat([x[(slice(None), slice(None), *sl)] for sl in group])
+                y = self.forward(model, batch, dev)
+                y.mul_(imp)
+                for j, sl in enumerate(group):
+                    acc[(slice(None), *sl)] += y[j]
+        if not cpu_direct:
+            out[:n_ch] = acc[(slice(None), *crop)].cpu().numpy()
+        out[n_ch] = self.count_map(shape)
         return out
 
 
@@ -385,7 +407,9 @@ def stage2(
     cnt = total[-1]
     acc = total[:-1]
     ok = cnt > 0
-    np.divide(acc, cnt[None], out=acc, where=ok[None])  # where cnt is 0, acc is 0 too
+    inv = np.zeros_like(cnt)
+    np.divide(1.0, cnt, out=inv, where=ok)  # where cnt is 0, acc is 0 too
+    acc *= inv[None]
     out = np.empty((n_out, *shape), dtype=np.float32)
     _activate(task, acc, heads, out)
     if roi is not None or not ok.all():

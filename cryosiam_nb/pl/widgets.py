@@ -162,7 +162,7 @@ class InstanceTuner(_Tuner):
         bg = tomogram if tomogram is not None else maps["foreground"]
         self._background = _cut(bg, self.crop, "tomogram").astype(np.float32)
         known = ("threshold_foreground", "min_center_distance", "max_center_distance")
-        known += ("boundary_bias", "min_size", "multicut")
+        known += ("boundary_bias", "min_size", "multicut", "average_edt")
         unknown = sorted(set(initial) - set(known))
         if unknown:
             raise InputError(f"tune_instances: unknown parameter(s) {unknown}; known: {known}")
@@ -173,6 +173,7 @@ class InstanceTuner(_Tuner):
             "boundary_bias": 0.5,
             "min_size": 10,
             "multicut": True,
+            "average_edt": False,
             **initial,
         }
         w = self._w
@@ -198,6 +199,9 @@ class InstanceTuner(_Tuner):
                 value=v["min_size"], min=1, max=500, description="min size (voxels)", **common
             ),
             "multicut": w.Checkbox(value=bool(v["multicut"]), description="multicut"),
+            "average_edt": w.Checkbox(
+                value=bool(v["average_edt"]), description="average with foreground EDT"
+            ),
         }  # fmt: skip
         self.labels = np.zeros(self._background.shape, np.uint32)
         self._finish(self._background.shape[0])
@@ -400,7 +404,7 @@ def tune_instances(
     **initial
         Start values: ``threshold_foreground``, ``min_center_distance``,
         ``max_center_distance`` (voxels), ``boundary_bias``, ``min_size`` (voxels),
-        ``multicut``.
+        ``multicut``, ``average_edt`` (e.g. ``**model.metadata["instance_defaults"]``).
 
     Returns
     -------

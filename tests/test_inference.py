@@ -266,6 +266,41 @@ def test_write_predictions_streams_to_zarr(tmp_path):
         write_predictions(ds, out, progress=False, overwrite=False)
 
 
+def test_write_predictions_writes_each_chunk_in_one_ordered_task(tmp_path):
+    """A predict Dataset is written by its own chunk tasks (all variables at once, so a
+    chunk's memory goes as soon as it is on disk); the store equals the computed Dataset.
+    A changed Dataset goes through xarray's generic writer and is stored as changed."""
+    from cryosiam_nb import models
+    from cryosiam_nb.inference.prediction import _ordered_of
+
+    vol, arr = _tomo((40, 48, 56))
+    torch.manual_seed(0)
+    model = models.build("multitask", "tiny", patch_size=16).eval()
+    ds = predict(arr, model, chunks=(32, 32, 32), patch_size=16, precision="float32")
+    assert _ordered_of(ds) is not None and _ordered_of(ds[["denoised"]]) is not None
+    ref = ds.compute()
+    back = xr.open_zarr(
+        write_predictions(ds, tmp_path / "a.zarr", progress=False), consolidated=False
+    )
+    assert set(back.data_vars) == set(ref.data_vars)
+    for k in ref.data_vars:
+        assert back[k].dtype == ref[k].dtype, k
+        np.testing.assert_array_equal(back[k].values, ref[k].values, err_msg=k)
+    assert back.attrs["task"] == "multitask"
+    assert back["semantic_probabilities"].data.chunksize[1:] == (32, 32, 32)
+    one = xr.open_zarr(
+        write_predictions(ds[["denoised"]], tmp_path / "b.zarr", progress=False), consolidated=False
+    )
+    assert list(one.data_vars) == ["denoised"]
+    np.testing.assert_array_equal(one["denoised"].values, ref["denoised"].values)
+    changed = ds.assign(denoised=ds["denoised"] * 2)
+    assert _ordered_of(changed) is None
+    two = xr.open_zarr(
+        write_predictions(changed, tmp_path / "c.zarr", progress=False), consolidated=False
+    )
+    np.testing.assert_allclose(two["denoised"].values, 2 * ref["denoised"].values)
+
+
 def test_local_cluster_same_result(tmp_path):
     """The same call under a 2-worker dask.distributed LocalCluster gives the same result.
 

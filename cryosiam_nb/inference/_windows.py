@@ -418,3 +418,46 @@ def stage2(
         keep = ok if roi is None else (ok & (roi > 0))
         out *= keep[None]
     return out
+
+
+class ZarrSink:
+    """Writes every variable of one blended chunk into an initialised zarr store.
+
+    ``layout``: ``(variable, first channel, channels or None for a (z, y, x) variable,
+    dtype)`` per variable, in the channel order of the blended chunk. The store is opened
+    by path in the worker (so the sink pickles for ``dask.distributed``) and cached per
+    process.
+    """
+
+    def __init__(self, path: str, layout: list[tuple[str, int, int | None, str]]) -> None:
+        self.path = str(path)
+        self.layout = list(layout)
+
+    def _group(self) -> object:
+        import zarr
+
+        with _CACHE_LOCK:
+            g = _SINK_CACHE.get(self.path)
+            if g is None:
+                g = zarr.open_group(self.path, mode="r+")
+                _SINK_CACHE[self.path] = g
+                while len(_SINK_CACHE) > 4:
+                    _SINK_CACHE.popitem(last=False)
+        return g
+
+    def __call__(self, block: np.ndarray, core: tuple[slice, ...]) -> None:
+        g = self._group()
+        for name, c0, n, dtype in self.layout:
+            if n is None:
+                g[name][core] = block[c0].astype(dtype)
+            else:
+                g[name][(slice(None), *core)] = block[c0 : c0 + n].astype(dtype)
+
+
+_SINK_CACHE: OrderedDict[str, object] = OrderedDict()
+
+
+def blend_and_write(sink: ZarrSink, core: tuple[slice, ...], *args: object) -> None:
+    """:func:`stage2` of one chunk, written by ``sink`` at ``core``; returns nothing, so
+    the chunk's memory is released as soon as it is on disk."""
+    sink(stage2(*args), core)

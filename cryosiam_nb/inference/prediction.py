@@ -49,6 +49,8 @@ from cryosiam_nb.inference._fast import resolve_precision
 from cryosiam_nb.inference._windows import (
     FIXED_HEADS,
     Runner,
+    ZarrSink,
+    blend_and_write,
     default_chunk,
     n_activated,
     parts_of,
@@ -173,14 +175,17 @@ def _graph(
     plans: list,
     runner: Runner,
     n_out: int,
-) -> da.Array:
+    sink: ZarrSink | None = None,
+) -> da.Array | list[Delayed]:
     """The two-stage dask graph: ``(n_out, z, y, x)`` float32, chunked by ``plans``.
 
     Memory stays bounded by the order of the work, which the graph fixes: chunks are
     visited with the axis of most chunks outermost, a chunk's windows start only once the
     chunk :func:`_in_flight` places earlier is blended, and a chunk's blend waits for every
     halo slice of its windows (so the windows' sums are released at once and only the thin
-    halos wait for the neighbours above).
+    halos wait for the neighbours above). With a ``sink`` each blend task also writes its
+    chunk (every variable) and the graph is the list of those tasks: a chunk's windows
+    then wait until the chunk ``lag`` places earlier is on disk, which bounds memory.
     """
     runner_d = dask.delayed(runner, pure=True, name=f"cryosiam-model-{runner.key}")
     tag = runner.key[:8]
@@ -232,7 +237,7 @@ def _graph(
         core_shape = tuple(b - a for a, b in core)
         msk = None if roi is None else roi[core_sl]
         pieces = incoming.pop(c)
-        blocks[c] = dask.delayed(stage2, pure=True)(
+        blend_args = (
             [p for p, _ in pieces],
             [pl for _, pl in pieces],
             msk,
@@ -241,8 +246,17 @@ def _graph(
             heads,
             n_out,
             outgoing,
-            dask_key_name=f"cryosiam-blend-{tag}-{name}",
         )
+        if sink is not None:
+            blocks[c] = dask.delayed(blend_and_write, pure=True)(
+                sink, core_sl, *blend_args, dask_key_name=f"cryosiam-write-{tag}-{name}"
+            )
+            continue
+        blocks[c] = dask.delayed(stage2, pure=True)(
+            *blend_args, dask_key_name=f"cryosiam-blend-{tag}-{name}"
+        )
+    if sink is not None:
+        return [blocks[c] for c in order]
     rows = [
         [
             [
@@ -455,10 +469,12 @@ def predict(
         return xr.Dataset(variables, coords=coords, attrs=attrs)
     multi = task == "multitask"
     c = 0
+    layout: list[tuple[str, int, int | None, str]] = []  # (variable, channel, n, dtype)
     for part, hs in parts_of(task, heads):
         pre = f"{part}_" if multi else ""
         if part == "denoise":
             variables["denoised"] = (DIMS, stacked[c], dict(va))
+            layout.append(("denoised", c, None, "float32"))
             c += 1
         elif part in ("semantic", "lamella"):
             n = hs[0][1]
@@ -473,12 +489,51 @@ def predict(
             variables[f"{pre}labels"] = (DIMS, stacked[c + n].astype(np.uint8), dict(va))
             dist = stacked[c + n + 1 : c + 2 * n + 1].astype(np.float16)
             variables[f"{pre}distance"] = ((cdim, *DIMS), dist, dict(va))
+            layout += [
+                (f"{pre}probabilities", c, n, "float16"),
+                (f"{pre}labels", c + n, None, "uint8"),
+                (f"{pre}distance", c + n + 1, n, "float16"),
+            ]
             c += 2 * n + 1
         elif part == "instance":
             for i, key in enumerate(("foreground", "boundary", "distance")):
                 variables[f"{pre}{key}"] = (DIMS, stacked[c + i], dict(va))
+                layout.append((f"{pre}{key}", c + i, None, "float32"))
             c += 3
+    names = {k: v[1].name for k, v in variables.items()}
+    _remember(_Ordered(image, roi_d, plans, runner, n_out, layout, names))
     return xr.Dataset(variables, coords=coords, attrs=attrs)
+
+
+class _Ordered:
+    """What :func:`write_predictions` needs to rebuild a :func:`predict` graph whose blend
+    tasks write every variable of their chunk (the dask names identify the variables)."""
+
+    def __init__(self, image, roi, plans, runner, n_out, layout, names) -> None:  # noqa: ANN001
+        self.image, self.roi, self.plans, self.runner = image, roi, plans, runner
+        self.n_out, self.layout, self.names = n_out, layout, names
+
+
+_ORDERED: list[_Ordered] = []  # the last few predictions (each holds a lazy graph only)
+
+
+def _remember(entry: _Ordered) -> None:
+    _ORDERED.append(entry)
+    del _ORDERED[:-8]
+
+
+def _ordered_of(ds: xr.Dataset) -> _Ordered | None:
+    """The :func:`predict` record whose unchanged variables ``ds`` holds, or None (then
+    ``ds`` is written by xarray's generic ``to_zarr``)."""
+    names = {}
+    for k, v in ds.data_vars.items():
+        if not isinstance(v.data, da.Array):
+            return None
+        names[k] = v.data.name
+    for entry in reversed(_ORDERED):
+        if names and all(entry.names.get(k) == n for k, n in names.items()):
+            return entry
+    return None
 
 
 def write_predictions(
@@ -517,7 +572,20 @@ def write_predictions(
         ds = ds.to_dataset(name=ds.name or "data")
     if not isinstance(ds, xr.Dataset):
         raise InputError(f"ds: expected an xarray Dataset, got {type(ds).__name__}")
+    ordered = _ordered_of(ds)
     with atomic_path(path, overwrite=overwrite) as tmp:
         delayed = ds.to_zarr(tmp, mode="w", compute=False, consolidated=False)
-        compute(delayed, progress=progress)
+        if ordered is None:
+            compute(delayed, progress=progress)
+        else:  # metadata and coordinates are written; each chunk task writes its variables
+            layout = [row for row in ordered.layout if row[0] in ds.data_vars]
+            writes = _graph(
+                ordered.image,
+                ordered.roi,
+                ordered.plans,
+                ordered.runner,
+                ordered.n_out,
+                sink=ZarrSink(str(tmp), layout),
+            )
+            compute(*writes, progress=progress)
     return path

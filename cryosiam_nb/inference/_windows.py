@@ -342,10 +342,13 @@ def stage1(
     return runner.run(image, roi)
 
 
-def take(acc: np.ndarray | None, sl: tuple[slice, ...]) -> np.ndarray | None:
+def take(acc: np.ndarray | None, sl: tuple[slice, ...], copy: bool = True) -> np.ndarray | None:
+    """The slice ``sl`` of a chunk's window sums: a copy (a thin halo must not keep the whole
+    region alive while it waits for a neighbour) or, for the chunk's own core, a view (its
+    blend follows at once)."""
     if acc is None:
         return None
-    return np.array(acc[(slice(None), *sl)], copy=True)
+    return np.array(acc[(slice(None), *sl)], copy=copy)
 
 
 def _argmax0(x: torch.Tensor) -> torch.Tensor:

@@ -228,6 +228,7 @@ def _graph(
             piece = dask.delayed(take, pure=True)(
                 first,
                 tuple(src_sl),
+                any(d),
                 dask_key_name=f"cryosiam-take-{tag}-{name}-{''.join(map(str, d))}",
             )
             incoming[dst].append((piece, tuple(place)))
@@ -546,7 +547,11 @@ def write_predictions(
     """Stream a lazy prediction Dataset to a zarr store, chunk by chunk, atomically.
 
     Each output chunk is computed (here, on the active dask scheduler), written and
-    released; no tomogram-sized array is held. The store is written to a temporary sibling
+    released; no tomogram-sized array is held. A Dataset straight from :func:`predict`
+    (or a selection of its variables) is written by its own chunk tasks: each writes every
+    variable of its chunk, and a chunk's windows start only when the chunk ``threads + 1``
+    places earlier is on disk, so memory stays bounded whatever the scheduler's timing.
+    Any other Dataset goes through xarray's ``to_zarr``. The store is written to a temporary sibling
     and renamed onto ``path`` when complete. Under a ``dask.distributed`` Client the work
     runs on the cluster (``path`` must be on a shared file system).
 

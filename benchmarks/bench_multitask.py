@@ -97,9 +97,10 @@ def dense(data, model_set: dict, **predict_kwargs) -> tuple[dict, float]:
         sem = tl.predict(data, model_set["semantic"])["labels"].compute()
         inst = tl.predict(data, model_set["instance"]).compute()
         t_pred = time.perf_counter() - t0
-    lamella = tl.lamella_mask(lam_in, progress=False).compute()
     # the multi-task model's card carries settings tuned on validation tomograms
     mt = model_set.get("multitask")
+    lam_kw = dict(mt.metadata.get("lamella_defaults", {})) if mt is not None else {}
+    lamella = tl.lamella_mask(lam_in, progress=False, **lam_kw).compute()
     tuned = dict(mt.metadata.get("instance_defaults", {})) if mt is not None else {}
     labels = tl.instances(inst, progress=False, **tuned)
     return {

@@ -95,7 +95,8 @@ def run_demo(
     io.write(den, out / "denoised.zarr", overwrite=True)
     t0 = _step("dense predictions (one pass, 4 heads)", t0, timings)
 
-    lamella = tl.lamella_mask(pred, progress=progress).compute()
+    lam_kw = dict(getattr(model, "metadata", {}).get("lamella_defaults", {}))
+    lamella = tl.lamella_mask(pred, progress=progress, **lam_kw).compute()
     if int(lamella.sum()) == 0:
         lamella = lamella.copy(data=np.ones(lamella.shape, dtype=lamella.dtype))
     t0 = _step("lamella mask", t0, timings)

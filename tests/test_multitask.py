@@ -302,7 +302,22 @@ def test_recipe_calibrate_only_replaces_the_prior_correction_instead_of_stacking
         prior = m.metadata["semantic_prior"]
         assert len(prior["shift"]) == 6 and prior["shift"][0] == 0.0
         assert set(m.metadata["instance_defaults"]) >= {"threshold_foreground", "average_edt"}
+        assert 0.5 <= m.metadata["lamella_defaults"]["threshold"] <= 0.9
     # the same calibration data choose the same α: the bias must not move the second time
     torch.testing.assert_close(biases[0], biases[1])
     card = (tmp_path / "tiny-multitask.md").read_text()
     assert "Semantic prior correction" in card and "--calibrate-only" in card
+
+
+def test_lamella_threshold_is_calibrated_on_validation_tomograms():
+    from cryosiam_nb.training.calibration import (
+        LAMELLA_THRESHOLDS,
+        calibrate_lamella_threshold,
+    )
+
+    tomos = varied_training_set(1, (24, 40, 40), seed=23, mode="fast", progress=False)
+    thr, table = calibrate_lamella_threshold(_model(6), tomos, progress=False)
+    assert thr in LAMELLA_THRESHOLDS and table.iloc[0]["threshold"] == thr
+    assert table["lamella_dice"].is_monotonic_decreasing and len(table) == 5
+    with pytest.raises(InputError, match="at least one"):
+        calibrate_lamella_threshold(_model(6), [], progress=False)

@@ -24,10 +24,19 @@ from cryosiam_nb.io import InputError
 
 from .data import Tomogram
 
-__all__ = ["shift_logits", "prior_shift", "calibrate_semantic_prior", "PRIOR_ALPHAS"]
+__all__ = [
+    "shift_logits",
+    "prior_shift",
+    "calibrate_semantic_prior",
+    "calibrate_lamella_threshold",
+    "PRIOR_ALPHAS",
+    "LAMELLA_THRESHOLDS",
+]
 
 #: the α values :func:`calibrate_semantic_prior` tries
 PRIOR_ALPHAS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+#: the ``tl.lamella_mask`` thresholds :func:`calibrate_lamella_threshold` tries
+LAMELLA_THRESHOLDS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def _logit_layer(model: Any, task: str) -> tuple[torch.nn.Conv3d, int]:
@@ -129,3 +138,42 @@ def calibrate_semantic_prior(
         ["semantic_dice", "alpha"], ascending=[False, True], kind="stable"
     )
     return float(table.iloc[0]["alpha"]), table.reset_index(drop=True)
+
+
+def calibrate_lamella_threshold(
+    model: Any,
+    tomograms: Sequence[Tomogram],
+    thresholds: Sequence[float] = LAMELLA_THRESHOLDS,
+    progress: bool = True,
+) -> tuple[float, pd.DataFrame]:
+    """Choose ``tl.lamella_mask``'s threshold (on the smoothed sample probability) on
+    **validation** tomograms with a ``lamella`` label.
+
+    Each threshold is scored by the Dice of the mask against the true sample, averaged over
+    ``tomograms`` (one ``tl.predict`` pass each). Returns the best threshold and the table
+    (best first; on a tie the higher, SPEC-like threshold wins). Store it as
+    ``model.metadata["lamella_defaults"] = {"threshold": t}``.
+    """
+    from tqdm.auto import tqdm
+
+    from cryosiam_nb.inference import lamella_mask, outputs_of, predict
+
+    if not tomograms:
+        raise InputError("tomograms: need at least one validation tomogram")
+    probs = []
+    for t in tqdm(tomograms, desc="calibrate lamella", disable=not progress):
+        if "lamella" not in t.labels:
+            raise InputError(f"{t.name}: has no lamella labels to calibrate on")
+        probs.append(outputs_of(predict(t.image, model).compute(), "lamella"))
+    rows = []
+    for thr in thresholds:
+        scores = []
+        for p, t in zip(probs, tomograms):
+            m = np.asarray(lamella_mask(p, threshold=float(thr), progress=False).values) > 0
+            g = np.asarray(t.labels["lamella"]) > 0
+            scores.append(2.0 * np.sum(m & g) / max(int(m.sum() + g.sum()), 1))
+        rows.append({"threshold": float(thr), "lamella_dice": float(np.mean(scores))})
+    table = pd.DataFrame(rows).sort_values(
+        ["lamella_dice", "threshold"], ascending=[False, False], kind="stable"
+    )
+    return float(table.iloc[0]["threshold"]), table.reset_index(drop=True)

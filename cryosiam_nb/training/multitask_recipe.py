@@ -178,6 +178,10 @@ def _card(path: Path, model: Any, mc: dict[str, Any], command: str, metrics: dic
         "- Calibration tomograms: the validation tomograms above plus "
         f"{len((mc.get('calibration_val') or {}).get('seeds', ()))} with the simulator's "
         f"default imaging (`calibration_set`: `{json.dumps(mc.get('calibration_val'))}`)",
+        "- Lamella mask threshold chosen on the validation tomograms (Dice of "
+        "`tl.lamella_mask` against the true sample): "
+        f"`{json.dumps(md.get('lamella_defaults', {}))}` — pass it to `tl.lamella_mask` as "
+        "`**model.metadata['lamella_defaults']` (the demo and workflow do)",
         "- Instance post-processing chosen on the validation tomograms "
         "(`training.multitask.tune_instance_defaults`, mean of AP-50 and small-particle F1): "
         f"`{json.dumps(md.get('instance_defaults', {}))}` — pass them to `tl.instances` as "
@@ -372,7 +376,12 @@ def finish_shipped_multitask(
     """
     from cryosiam_nb import models
 
-    from .calibration import calibrate_semantic_prior, prior_shift, shift_logits
+    from .calibration import (
+        calibrate_lamella_threshold,
+        calibrate_semantic_prior,
+        prior_shift,
+        shift_logits,
+    )
 
     mc = dict(cfg["multitask"])
     if val is None:
@@ -394,12 +403,17 @@ def finish_shipped_multitask(
             "shift": [float(x) for x in shift],
             "table": prior_table.to_dict(orient="records"),
         }
+    lam_thr, lam_table = calibrate_lamella_threshold(model, val, progress=progress)
+    print("lamella mask threshold on validation tomograms (best first):")
+    print(lam_table.to_string(index=False))
+    model.metadata["lamella_defaults"] = {"threshold": lam_thr}
     best, table = tune_instance_defaults(model, val, progress=progress)
     print("instance post-processing on validation tomograms (best first):")
     print(table.head(5).to_string(index=False))
     model.metadata["instance_defaults"] = best
     metrics = dict(model.metadata.get("metrics", {}))
     metrics.update({f"tuned_{k}": float(table.iloc[0][k]) for k in ("ap50", "f1_small")})
+    metrics["calibrated_lamella_dice"] = float(lam_table.iloc[0]["lamella_dice"])
     if model.metadata.get("semantic_prior"):  # on all calibration tomograms, best α
         metrics["calibrated_semantic_dice"] = float(prior_table.iloc[0]["semantic_dice"])
     model.metadata["metrics"] = metrics

@@ -76,7 +76,14 @@ def _settings(
     """Everything that decides a tomogram's outputs, JSON-able (compared on resume)."""
     if picker not in _PICKERS:
         raise InputError(f"picker: expected one of {_PICKERS}, got {picker!r}")
-    lam = {"threshold": 0.9, "sigma": (10.0, 5.0, 5.0), **dict(lamella_params or {})}
+    # the lamella model's calibrated threshold (lamella_params override it)
+    lam_meta = getattr(_model(models["lamella"]), "metadata", {}) or {}
+    lam = {
+        "threshold": 0.9,
+        "sigma": (10.0, 5.0, 5.0),
+        **dict(lam_meta.get("lamella_defaults") or {}),
+        **dict(lamella_params or {}),
+    }
     if set(lam) - {"threshold", "sigma", "cls"}:
         raise InputError(
             f"lamella_params: unknown {sorted(set(lam) - {'threshold', 'sigma', 'cls'})}"

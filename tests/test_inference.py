@@ -299,6 +299,15 @@ def test_write_predictions_writes_each_chunk_in_one_ordered_task(tmp_path):
         write_predictions(changed, tmp_path / "c.zarr", progress=False), consolidated=False
     )
     np.testing.assert_allclose(two["denoised"].values, 2 * ref["denoised"].values)
+    # the record goes with the Dataset (it holds the input volume)
+    import gc
+
+    from cryosiam_nb.inference import prediction
+
+    n = len(prediction._ORDERED)
+    del ds, changed
+    gc.collect()
+    assert len(prediction._ORDERED) == n - 1
 
 
 def test_local_cluster_same_result(tmp_path):

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -502,8 +503,10 @@ def predict(
                 layout.append((f"{pre}{key}", c + i, None, "float32"))
             c += 3
     names = {k: v[1].name for k, v in variables.items()}
-    _remember(_Ordered(image, roi_d, plans, runner, n_out, layout, names))
-    return xr.Dataset(variables, coords=coords, attrs=attrs)
+    out = xr.Dataset(variables, coords=coords, attrs=attrs)
+    entry = _Ordered(image, roi_d, plans, runner, n_out, layout, names)
+    _remember(entry, [out[k].data for k in out.data_vars])
+    return out
 
 
 class _Ordered:
@@ -515,12 +518,22 @@ class _Ordered:
         self.n_out, self.layout, self.names = n_out, layout, names
 
 
-_ORDERED: list[_Ordered] = []  # the last few predictions (each holds a lazy graph only)
+#: live predictions: an entry goes when the last of its Dataset's variables is collected
+#: (it holds the input array, which may be an in-memory numpy volume)
+_ORDERED: dict[int, _Ordered] = {}
 
 
-def _remember(entry: _Ordered) -> None:
-    _ORDERED.append(entry)
-    del _ORDERED[:-8]
+def _remember(entry: _Ordered, anchors: list[Any]) -> None:
+    key, alive = id(entry), [len(anchors)]
+    _ORDERED[key] = entry
+
+    def gone() -> None:
+        alive[0] -= 1
+        if alive[0] == 0:
+            _ORDERED.pop(key, None)
+
+    for a in anchors:
+        weakref.finalize(a, gone)
 
 
 def _ordered_of(ds: xr.Dataset) -> _Ordered | None:
@@ -531,7 +544,7 @@ def _ordered_of(ds: xr.Dataset) -> _Ordered | None:
         if not isinstance(v.data, da.Array):
             return None
         names[k] = v.data.name
-    for entry in reversed(_ORDERED):
+    for entry in reversed(list(_ORDERED.values())):
         if names and all(entry.names.get(k) == n for k, n in names.items()):
             return entry
     return None

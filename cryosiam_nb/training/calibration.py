@@ -96,6 +96,23 @@ def _dice_present(pred: np.ndarray, gt: np.ndarray) -> float:
     return float(np.mean(out))
 
 
+def _part_outputs(model: Any, tomograms: Sequence[Tomogram], part: str, progress: bool) -> list:
+    """One ``tl.predict`` pass per validation tomogram (which must carry a ``part`` label);
+    the ``part`` outputs of each (:func:`~cryosiam_nb.inference.outputs_of`)."""
+    from tqdm.auto import tqdm
+
+    from cryosiam_nb.inference import outputs_of, predict
+
+    if not tomograms:
+        raise InputError("tomograms: need at least one validation tomogram")
+    out = []
+    for t in tqdm(tomograms, desc=f"calibrate {part}", disable=not progress):
+        if part not in t.labels:
+            raise InputError(f"{t.name}: has no {part} labels to calibrate on")
+        out.append(outputs_of(predict(t.image, model).compute(), part))
+    return out
+
+
 def calibrate_semantic_prior(
     model: Any,
     tomograms: Sequence[Tomogram],
@@ -111,21 +128,13 @@ def calibrate_semantic_prior(
     table (one row per α, best first); on a tie the smaller α wins. Does not change
     ``model``: apply the result with ``shift_logits(model, prior_shift(w, alpha))``.
     """
-    from tqdm.auto import tqdm
-
-    from cryosiam_nb.inference import outputs_of, predict
-
     cw = (model.metadata.get("training", {}).get("class_weights") or {}).get("semantic")
     if not cw:
         raise InputError("model: trained without semantic class weights; nothing to calibrate")
-    if not tomograms:
-        raise InputError("tomograms: need at least one validation tomogram")
-    logp = []
-    for t in tqdm(tomograms, desc="calibrate semantic", disable=not progress):
-        if "semantic" not in t.labels:
-            raise InputError(f"{t.name}: has no semantic labels to calibrate on")
-        prob = outputs_of(predict(t.image, model).compute(), "semantic")["probabilities"]
-        logp.append(np.log(np.maximum(prob.values.astype(np.float32), 1e-6)))
+    logp = [
+        np.log(np.maximum(o["probabilities"].values.astype(np.float32), 1e-6))
+        for o in _part_outputs(model, tomograms, "semantic", progress)
+    ]
     rows = []
     for a in alphas:
         b = prior_shift(cw, a)[:, None, None, None]
@@ -154,17 +163,9 @@ def calibrate_lamella_threshold(
     (best first; on a tie the higher, SPEC-like threshold wins). Store it as
     ``model.metadata["lamella_defaults"] = {"threshold": t}``.
     """
-    from tqdm.auto import tqdm
+    from cryosiam_nb.inference import lamella_mask
 
-    from cryosiam_nb.inference import lamella_mask, outputs_of, predict
-
-    if not tomograms:
-        raise InputError("tomograms: need at least one validation tomogram")
-    probs = []
-    for t in tqdm(tomograms, desc="calibrate lamella", disable=not progress):
-        if "lamella" not in t.labels:
-            raise InputError(f"{t.name}: has no lamella labels to calibrate on")
-        probs.append(outputs_of(predict(t.image, model).compute(), "lamella"))
+    probs = _part_outputs(model, tomograms, "lamella", progress)
     rows = []
     for thr in thresholds:
         scores = []

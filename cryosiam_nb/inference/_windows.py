@@ -238,23 +238,30 @@ class Runner:
             )
         return torch.cat([out[name] for name, _ in self.heads], dim=1).float()
 
+    def windows(self, shape: tuple[int, ...]) -> tuple[tuple, tuple, list]:
+        """MONAI's windows over a region ``shape``: the padded shape (MONAI pads an axis
+        shorter than the window symmetrically), the region's slices in it, and the window
+        slices (``dense_patch_slices`` with MONAI's stride rule)."""
+        from monai.data.utils import dense_patch_slices
+
+        padded = tuple(max(s, p) for s, p in zip(shape, self.patch))
+        crop = tuple(slice((p - s) // 2, (p - s) // 2 + s) for s, p in zip(shape, padded))
+        strides = tuple(scan_interval(s, p, self.overlap) for s, p in zip(padded, self.patch))
+        return padded, crop, dense_patch_slices(padded, self.patch, strides)
+
     def count_map(self, shape: tuple[int, ...]) -> np.ndarray:
         """Σ of MONAI's Gaussian importance maps over MONAI's windows of a region ``shape``."""
-        from monai.data.utils import compute_importance_map, dense_patch_slices
-
         key = (shape, self.patch, self.overlap, self.sigma_scale)
         with _CACHE_LOCK:
             hit = _COUNT_CACHE.get(key)
         if hit is not None:
             return hit
-        padded = tuple(max(s, p) for s, p in zip(shape, self.patch))
-        strides = tuple(scan_interval(s, p, self.overlap) for s, p in zip(padded, self.patch))
-        imp = compute_importance_map(self.patch, mode="gaussian", sigma_scale=self.sigma_scale)
+        padded, crop, windows = self.windows(shape)
+        imp = self.importance(torch.device("cpu"))
         cnt = torch.zeros(padded, dtype=torch.float32)
-        for sl in dense_patch_slices(padded, self.patch, strides):
+        for sl in windows:
             cnt[sl] += imp
-        lo = [(p - s) // 2 for s, p in zip(shape, padded)]
-        out = cnt[tuple(slice(o, o + s) for o, s in zip(lo, shape))].numpy().copy()
+        out = cnt[crop].numpy().copy()
         with _CACHE_LOCK:
             _COUNT_CACHE[key] = out
             while len(_COUNT_CACHE) > 16:
@@ -287,13 +294,10 @@ class Runner:
         needs undone). With an roi, windows containing no roi voxel are not run (they add
         zero).
         """
-        from monai.data.utils import dense_patch_slices
-
         dev = pick_device(self.device)
         model = self.module(dev)
         shape = tuple(int(s) for s in image.shape)
-        padded = tuple(max(s, p) for s, p in zip(shape, self.patch))
-        crop = tuple(slice((p - s) // 2, (p - s) // 2 + s) for s, p in zip(shape, padded))
+        padded, crop, windows = self.windows(shape)
         x = torch.zeros((1, 1, *padded), dtype=torch.float32)
         x[(0, 0, *crop)] = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
         if roi is not None:
@@ -308,8 +312,6 @@ class Runner:
             acc.zero_()
         else:
             acc = torch.zeros((n_ch, *padded), dtype=torch.float32, device=dev)
-        strides = tuple(scan_interval(s, p, self.overlap) for s, p in zip(padded, self.patch))
-        windows = dense_patch_slices(padded, self.patch, strides)
         if roi is not None:
             windows = [sl for sl in windows if m[sl].any()]
         imp = self.importance(dev)

@@ -96,20 +96,31 @@ def _dice_present(pred: np.ndarray, gt: np.ndarray) -> float:
     return float(np.mean(out))
 
 
-def _part_outputs(model: Any, tomograms: Sequence[Tomogram], part: str, progress: bool) -> list:
-    """One ``tl.predict`` pass per validation tomogram (which must carry a ``part`` label);
-    the ``part`` outputs of each (:func:`~cryosiam_nb.inference.outputs_of`)."""
+def _part_outputs(
+    model: Any,
+    tomograms: Sequence[Tomogram],
+    part: str,
+    progress: bool,
+    predictions: Sequence[Any] | None = None,
+) -> list:
+    """The ``part`` outputs (:func:`~cryosiam_nb.inference.outputs_of`) of each validation
+    tomogram (which must carry a ``part`` label): from ``predictions`` (computed
+    ``tl.predict`` Datasets of ``tomograms``, shared between calibrations) or one
+    ``tl.predict`` pass each."""
     from tqdm.auto import tqdm
 
     from cryosiam_nb.inference import outputs_of, predict
 
     if not tomograms:
         raise InputError("tomograms: need at least one validation tomogram")
+    if predictions is not None and len(predictions) != len(tomograms):
+        raise InputError(f"predictions: {len(predictions)} for {len(tomograms)} tomograms")
     out = []
-    for t in tqdm(tomograms, desc=f"calibrate {part}", disable=not progress):
+    for i, t in enumerate(tqdm(tomograms, desc=f"calibrate {part}", disable=not progress)):
         if part not in t.labels:
             raise InputError(f"{t.name}: has no {part} labels to calibrate on")
-        out.append(outputs_of(predict(t.image, model).compute(), part))
+        ds = predict(t.image, model).compute() if predictions is None else predictions[i]
+        out.append(outputs_of(ds, part))
     return out
 
 
@@ -118,6 +129,7 @@ def calibrate_semantic_prior(
     tomograms: Sequence[Tomogram],
     alphas: Sequence[float] = PRIOR_ALPHAS,
     progress: bool = True,
+    predictions: Sequence[Any] | None = None,
 ) -> tuple[float, pd.DataFrame]:
     """Choose α of the class-weight prior correction on **validation** tomograms.
 
@@ -127,13 +139,14 @@ def calibrate_semantic_prior(
     predicted log-probabilities, which is exact for the argmax). Returns the best α and the
     table (one row per α, best first); on a tie the smaller α wins. Does not change
     ``model``: apply the result with ``shift_logits(model, prior_shift(w, alpha))``.
+    ``predictions``: the computed ``tl.predict`` Datasets of ``tomograms``, if already made.
     """
     cw = (model.metadata.get("training", {}).get("class_weights") or {}).get("semantic")
     if not cw:
         raise InputError("model: trained without semantic class weights; nothing to calibrate")
     logp = [
         np.log(np.maximum(o["probabilities"].values.astype(np.float32), 1e-6))
-        for o in _part_outputs(model, tomograms, "semantic", progress)
+        for o in _part_outputs(model, tomograms, "semantic", progress, predictions)
     ]
     rows = []
     for a in alphas:
@@ -154,6 +167,7 @@ def calibrate_lamella_threshold(
     tomograms: Sequence[Tomogram],
     thresholds: Sequence[float] = LAMELLA_THRESHOLDS,
     progress: bool = True,
+    predictions: Sequence[Any] | None = None,
 ) -> tuple[float, pd.DataFrame]:
     """Choose ``tl.lamella_mask``'s threshold (on the smoothed sample probability) on
     **validation** tomograms with a ``lamella`` label.
@@ -161,11 +175,12 @@ def calibrate_lamella_threshold(
     Each threshold is scored by the Dice of the mask against the true sample, averaged over
     ``tomograms`` (one ``tl.predict`` pass each). Returns the best threshold and the table
     (best first; on a tie the higher, SPEC-like threshold wins). Store it as
-    ``model.metadata["lamella_defaults"] = {"threshold": t}``.
+    ``model.metadata["lamella_defaults"] = {"threshold": t}``. ``predictions``: the
+    computed ``tl.predict`` Datasets of ``tomograms``, if already made.
     """
     from cryosiam_nb.inference import lamella_mask
 
-    probs = _part_outputs(model, tomograms, "lamella", progress)
+    probs = _part_outputs(model, tomograms, "lamella", progress, predictions)
     rows = []
     for thr in thresholds:
         scores = []

@@ -426,6 +426,7 @@ def tune_instance_defaults(
     small: int = 150,
     radius: float = 4.0,
     progress: bool = True,
+    predictions: Sequence[Any] | None = None,
 ) -> tuple[dict[str, float], pd.DataFrame]:
     """Choose :func:`cryosiam_nb.tl.instances` settings on **validation** tomograms.
 
@@ -433,6 +434,7 @@ def tune_instance_defaults(
     AP-50 and the picking F1 of particles under ``small`` voxels (centroids within
     ``radius`` voxels), averaged over ``tomograms``; one ``tl.predict`` pass per tomogram.
     Returns the best settings and the whole table (one row per combination).
+    ``predictions``: the computed ``tl.predict`` Datasets of ``tomograms``, if already made.
     """
     import itertools
 
@@ -443,7 +445,9 @@ def tune_instance_defaults(
     from cryosiam_nb.segmentation import instances as run_instances
 
     grid = dict(grid or INSTANCE_GRID)
-    maps = [outputs_of(predict(t.image, model).compute(), "instance") for t in tomograms]
+    if predictions is None:
+        predictions = [predict(t.image, model).compute() for t in tomograms]
+    maps = [outputs_of(ds, "instance") for ds in predictions]
     names = list(grid)
     rows = []
     combos = list(itertools.product(*grid.values()))

@@ -375,6 +375,7 @@ def finish_shipped_multitask(
     the instance post-processing, stored in ``metadata["instance_defaults"]``.
     """
     from cryosiam_nb import models
+    from cryosiam_nb.inference import predict
 
     from .calibration import (
         calibrate_lamella_threshold,
@@ -393,7 +394,13 @@ def finish_shipped_multitask(
         old = model.metadata.get("semantic_prior", {}).get("shift")
         if old:
             shift_logits(model, -np.asarray(old, np.float32))
-        alpha, prior_table = calibrate_semantic_prior(model, val, progress=progress)
+    # one prediction pass serves all three calibrations: the semantic shift below moves
+    # only the semantic logits, not the lamella and instance heads read afterwards
+    preds = [predict(t.image, model).compute() for t in val]
+    if cw:
+        alpha, prior_table = calibrate_semantic_prior(
+            model, val, progress=progress, predictions=preds
+        )
         print("semantic prior correction on validation tomograms (best first):")
         print(prior_table.to_string(index=False))
         shift = prior_shift(cw, alpha)
@@ -403,11 +410,13 @@ def finish_shipped_multitask(
             "shift": [float(x) for x in shift],
             "table": prior_table.to_dict(orient="records"),
         }
-    lam_thr, lam_table = calibrate_lamella_threshold(model, val, progress=progress)
+    lam_thr, lam_table = calibrate_lamella_threshold(
+        model, val, progress=progress, predictions=preds
+    )
     print("lamella mask threshold on validation tomograms (best first):")
     print(lam_table.to_string(index=False))
     model.metadata["lamella_defaults"] = {"threshold": lam_thr}
-    best, table = tune_instance_defaults(model, val, progress=progress)
+    best, table = tune_instance_defaults(model, val, progress=progress, predictions=preds)
     print("instance post-processing on validation tomograms (best first):")
     print(table.head(5).to_string(index=False))
     model.metadata["instance_defaults"] = best

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cryosiam_nb import models
+from cryosiam_nb.io import InputError
 from cryosiam_nb.models import losses, targets
 from cryosiam_nb.transforms import overlap_slices
 
@@ -210,6 +211,29 @@ def test_instance_loss():
     out2 = losses.InstanceLoss()(zero, instances=torch.from_numpy(lab))
     assert out2["foreground"].item() == pytest.approx(np.log(2), abs=1e-5)
     assert out2["loss"] > out["loss"] + 1
+
+
+def test_small_instances_weigh_more_in_the_instance_loss():
+    lab = np.zeros((1, 20, 20, 20), np.int64)
+    lab[0, 2:4, 2:4, 2:4] = 1  # 8 voxels: small
+    lab[0, 8:16, 8:16, 8:16] = 2  # 512 voxels: large
+    w = targets.small_instance_weights(lab, max_size=150, weight=4.0)
+    assert w.shape == (1, 1, 20, 20, 20) and w.dtype == np.float32
+    # the small particle and its 6-connected shell (8 + 24 voxels), nothing else
+    assert (w == 4.0).sum() == 32 and (w == 1.0).sum() == w.size - 32
+    assert w[0, 0, 3, 3, 3] == 4.0 and w[0, 0, 12, 12, 12] == 1.0
+    zero = {k: torch.zeros(1, 1, 20, 20, 20) for k in ("foreground", "boundary", "distance")}
+    plain = losses.InstanceLoss()(zero, instances=torch.from_numpy(lab))
+    weighted = losses.InstanceLoss(small_weight=4.0)(zero, instances=torch.from_numpy(lab))
+    assert weighted["distance"] > plain["distance"] and weighted["foreground"] > plain["foreground"]
+    assert weighted["boundary"] == plain["boundary"]
+    big_only = torch.from_numpy(np.where(lab == 2, 2, 0))
+    a = losses.InstanceLoss()(zero, instances=big_only)["loss"]
+    b = losses.InstanceLoss(small_weight=4.0)(zero, instances=big_only)["loss"]
+    assert a == pytest.approx(b.item())
+    t = {k: torch.from_numpy(v) for k, v in targets.instance_targets(lab).items()}
+    with pytest.raises(InputError, match="instance labels"):
+        losses.InstanceLoss(small_weight=4.0)(zero, t)
 
 
 def test_denoise_loss():

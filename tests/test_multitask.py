@@ -234,12 +234,38 @@ def test_recipe_continues_the_shipped_model_with_a_stage_and_leaves_no_side_file
     argv = ["--quick", "--only", "multitask", "--out", str(tmp_path), "--no-progress"]
     with pytest.raises(InputError, match="stage9"):
         recipe.main([*argv, "--stages", "stage9"])
-    assert recipe.main([*argv, "--stages", "stage3"]) == 0
+    assert recipe.main([*argv, "--stages", "stage4"]) == 0
     m = models.load(tmp_path / "tiny-multitask.pt")
-    assert list(m.metadata["stages"]) == ["stage1", "stage2", "stage3"]
-    assert m.metadata["stages"]["stage3"]["class_weights"]["semantic"][0] == 1.0
-    assert "Stage3 steps" in (tmp_path / "tiny-multitask.md").read_text()
+    assert list(m.metadata["stages"]) == ["stage1", "stage2", "stage3", "stage4"]
+    assert m.metadata["stages"]["stage4"]["class_weights"]["semantic"][0] == 1.0
+    assert m.metadata["stages"]["stage4"]["small_weight"] == 4.0
+    card = (tmp_path / "tiny-multitask.md").read_text()
+    assert "Stage4 steps" in card and "small-particle instance weight 4.0" in card
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-multitask.md", "tiny-multitask.pt"]
+
+
+def test_stage_trains_the_raw_logits_not_the_calibrated_ones(tmp_path):
+    """A continuation stage undoes the shipped model's semantic prior correction first."""
+    import shutil
+
+    from cryosiam_nb.training.calibration import _logit_layer
+    from cryosiam_nb.training.multitask_recipe import train_stage
+    from cryosiam_nb.training.recipe import QUICK, _overridden
+
+    path = tmp_path / "tiny-multitask.pt"
+    shutil.copy(models.WEIGHTS_DIR / "tiny-multitask.pt", path)
+    before = models.load(path)
+    shift = np.asarray(before.metadata["semantic_prior"]["shift"], np.float32)
+    assert np.abs(shift).max() > 0
+    conv, off = _logit_layer(before, "semantic")
+    raw = conv.bias.detach()[off : off + len(shift)] - torch.from_numpy(shift)
+    mc = dict(QUICK["multitask"])
+    mc["stage4"] = {**mc["stage4"], "lr": 0.0}  # no weight moves: only the undo shows
+    train_stage(path, _overridden(QUICK, multitask=mc), "stage4", progress=False)
+    after = models.load(path)
+    assert "semantic_prior" not in after.metadata
+    conv, off = _logit_layer(after, "semantic")
+    torch.testing.assert_close(conv.bias.detach()[off : off + len(shift)], raw)
 
 
 @pytest.mark.parametrize("task", ["multitask", "semantic"])

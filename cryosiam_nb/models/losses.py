@@ -31,7 +31,7 @@ from torch import nn
 from cryosiam_nb.io import InputError
 from cryosiam_nb.transforms import overlap_slices
 
-from .targets import distance_targets, instance_targets
+from .targets import distance_targets, instance_targets, small_instance_weights
 
 __all__ = [
     "negative_cosine",
@@ -239,7 +239,10 @@ class InstanceLoss(nn.Module):
     BCE-with-logits on ``foreground`` and ``boundary``, MSE of the raw ``distance`` output
     against the scaled signed distance (±1 ≙ ±5 voxels). ``forward(outputs, targets)`` with
     ``targets`` from :func:`instance_targets` (torch), or ``forward(outputs,
-    instances=labels)`` to make them. Returns ``{"loss", "foreground", "boundary",
+    instances=labels)`` to make them. ``small_weight`` ≠ 1 (needs ``instances``) weights
+    the foreground and distance terms per voxel by
+    :func:`~cryosiam_nb.models.targets.small_instance_weights` (instances under
+    ``small_size`` voxels and a 1-voxel shell around them). Returns ``{"loss", "foreground", "boundary",
     "distance"}``.
     """
 
@@ -249,6 +252,8 @@ class InstanceLoss(nn.Module):
         boundary_weight: float = 1.0,
         distance_weight: float = 1.0,
         clip: float = 5.0,
+        small_weight: float = 1.0,
+        small_size: int = 150,
     ) -> None:
         super().__init__()
         self.w = {
@@ -257,6 +262,8 @@ class InstanceLoss(nn.Module):
             "distance": distance_weight,
         }
         self.clip = clip
+        self.small_weight = float(small_weight)
+        self.small_size = int(small_size)
 
     def forward(
         self,
@@ -268,14 +275,25 @@ class InstanceLoss(nn.Module):
             if instances is None:
                 raise InputError("InstanceLoss: give targets or instances")
             targets = instance_targets(instances, self.clip)
+        vw = None  # per-voxel weights of the foreground and distance terms
+        if self.small_weight != 1.0:
+            if instances is None:
+                raise InputError("InstanceLoss: small_weight needs the instance labels")
+            vw = _channel(
+                small_instance_weights(instances, self.small_size, self.small_weight),
+                outputs["distance"],
+            ).float()
         terms = {}
         for key in ("foreground", "boundary"):
             pred = outputs[key].float()
             terms[key] = F.binary_cross_entropy_with_logits(
-                pred, _channel(targets[key], pred).float()
+                pred,
+                _channel(targets[key], pred).float(),
+                weight=vw if key == "foreground" else None,
             )
         pred = outputs["distance"].float()
-        terms["distance"] = F.mse_loss(pred, _channel(targets["distance"], pred).float())
+        sq = (pred - _channel(targets["distance"], pred).float()) ** 2
+        terms["distance"] = (sq if vw is None else sq * vw).mean()
         return {"loss": sum(self.w[k] * v for k, v in terms.items()), **terms}
 
 

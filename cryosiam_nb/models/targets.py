@@ -6,6 +6,7 @@
   :func:`cryosiam_nb.segmentation.maps_from_labels` (perfect "predictions" to check the
   post-processing), so both see the same maps.
 - :func:`distance_targets`: per-class signed distances for the semantic head.
+- :func:`small_instance_weights`: per-voxel loss weights that up-weight small instances.
 
 Axis order (z, y, x); distances in voxels, clipped to ±``clip`` and divided by ``clip``
 (range ±1; 1 ≙ :data:`~cryosiam_nb.constants.DISTANCE_SCALE` = 5 voxels by default).
@@ -22,7 +23,7 @@ from scipy import ndimage
 from cryosiam_nb.constants import DISTANCE_SCALE
 from cryosiam_nb.io import InputError
 
-__all__ = ["instance_maps", "instance_targets", "distance_targets"]
+__all__ = ["instance_maps", "instance_targets", "distance_targets", "small_instance_weights"]
 
 _STRUCT6 = ndimage.generate_binary_structure(3, 1)
 
@@ -194,3 +195,36 @@ def instance_targets(instances: Any, clip: float = DISTANCE_SCALE, grow: int = 1
             a = a[0]
         out[key] = torch.from_numpy(a).to(dev) if is_t else a
     return out
+
+
+def small_instance_weights(
+    instances: Any, max_size: int = 150, weight: float = 4.0, grow: int = 1
+) -> Any:
+    """Per-voxel loss weights: ``weight`` on instances under ``max_size`` voxels, else 1.
+
+    The voxels of every instance smaller than ``max_size`` voxels (counted in the given
+    volume, so a particle cut by a patch face counts as small) and a ``grow``-voxel
+    (6-connected) shell of background around it get ``weight``; all others 1. Small
+    particles are a tiny share of the foreground voxels, so an unweighted loss lets the
+    network blur them away (their predicted centre distance stays below the seed
+    threshold). Labels ``(Z, Y, X)``, ``(N, Z, Y, X)`` or ``(N, 1, Z, Y, X)`` (numpy or
+    torch); returns float32 of the same layout and kind (with a channel axis like
+    :func:`instance_targets`).
+    """
+    lab, is_t, dev = _labels_np(instances, "instances")
+    lab, single = _batch(lab, "instances")
+    out = np.ones(lab.shape, np.float32)
+    for i, v in enumerate(lab):
+        v = np.asarray(v).astype(np.int64, copy=False)
+        sizes = np.bincount(v[v > 0].ravel(), minlength=int(v.max()) + 1)
+        small = (sizes > 0) & (sizes < int(max_size))
+        small[0] = False
+        mask = small[v]
+        if grow > 0 and mask.any():
+            grown = ndimage.binary_dilation(mask, structure=_STRUCT6, iterations=int(grow))
+            mask = mask | (grown & (v == 0))
+        out[i][mask] = float(weight)
+    out = out[:, None]
+    if single:
+        out = out[0]
+    return torch.from_numpy(out).to(dev) if is_t else out

@@ -52,6 +52,7 @@ def task_loss(
     target: torch.Tensor,
     denoise_loss: str = "l1_ssim",
     class_weights: Sequence[float] | None = None,
+    small_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Training loss of a head task for a batch (:mod:`cryosiam_nb.models.losses`).
 
@@ -69,6 +70,9 @@ def task_loss(
         ``"l1_ssim"`` (L1 + SSIM) or ``"mse"``.
     class_weights
         Semantic / lamella: CE weight of each class (default unweighted).
+    small_weight
+        Instance: weight of the foreground and distance terms on instances under 150
+        voxels (:class:`~cryosiam_nb.models.losses.InstanceLoss`); default 1 (unweighted).
 
     Returns
     -------
@@ -84,7 +88,7 @@ def task_loss(
     elif task in ("semantic", "lamella"):
         res = losses.SemanticLoss(out["logits"].shape[1], class_weights=class_weights)(out, target)
     elif task == "instance":
-        res = losses.InstanceLoss()(out, instances=target)
+        res = losses.InstanceLoss(small_weight=small_weight)(out, instances=target)
     else:
         raise InputError(f"task={task!r}: expected one of {sorted(TASK_TARGETS)}")
     return split_terms(res)

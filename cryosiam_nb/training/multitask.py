@@ -66,12 +66,14 @@ def multitask_loss(
     weights: Mapping[str, float] | None = None,
     denoise_loss: str = "l1_ssim",
     class_weights: Mapping[str, Sequence[float]] | None = None,
+    small_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted sum of every head task's loss for one batch.
 
     ``out`` holds the model's ``"<task>/<output>"`` maps; ``batch`` the targets under
     :data:`~cryosiam_nb.training.finetune.TASK_TARGETS` names; ``class_weights`` maps a
-    classifying task (``"semantic"``, ``"lamella"``) to the CE weight of each class.
+    classifying task (``"semantic"``, ``"lamella"``) to the CE weight of each class;
+    ``small_weight`` up-weights instances under 150 voxels in the instance loss.
     Returns the loss and the per-task losses (``loss_<task>``) plus their terms
     (``<task>_<term>``) as floats.
     """
@@ -84,7 +86,7 @@ def multitask_loss(
             continue
         sub = {k.split("/", 1)[1]: v for k, v in out.items() if k.startswith(f"{t}/")}
         cw = (class_weights or {}).get(t)
-        loss, terms = task_loss(t, sub, batch[TASK_TARGETS[t]], denoise_loss, cw)
+        loss, terms = task_loss(t, sub, batch[TASK_TARGETS[t]], denoise_loss, cw, small_weight)
         total = w[t] * loss if total is None else total + w[t] * loss
         logs[f"loss_{t}"] = float(loss.detach())
         logs.update({f"{t}_{k}": v for k, v in terms.items()})
@@ -267,6 +269,7 @@ def train_multitask(
     weights: Mapping[str, float] | None = None,
     foreground_fraction: float = 0.6,
     class_weights: str | Mapping[str, Sequence[float]] | None = None,
+    small_weight: float = 1.0,
     freeze: str = "none",
     val_fraction: float = 0.15,
     val_every: int = 5,
@@ -300,6 +303,9 @@ def train_multitask(
         CE weight of each class per classifying task (``{"semantic": [...]}``), or
         ``"auto"``: semantic weights from the training labels (:func:`class_weights_of`);
         default unweighted.
+    small_weight
+        Instance loss weight (foreground and distance terms) on particles under 150 voxels
+        and a 1-voxel shell around them (:func:`cryosiam_nb.models.targets.small_instance_weights`).
     val_data
         Validation tomograms; default a per-tomogram split of ``data`` (``val_fraction``).
     epochs, samples_per_epoch, batch_size, lr
@@ -379,12 +385,15 @@ def train_multitask(
         "class_balanced": True,
         "foreground_fraction": foreground_fraction,
         "class_weights": cw,
+        "small_weight": float(small_weight),
         "backbone": str(backbone) if isinstance(backbone, (str, Path)) else None,
         "init": str(init) if isinstance(init, (str, Path)) else (None if init is None else "model"),
     }
 
     def step(m: Any, batch: dict[str, torch.Tensor], dev: torch.device):
-        return multitask_loss(m(batch["image"]), batch, weights, class_weights=cw)
+        return multitask_loss(
+            m(batch["image"]), batch, weights, class_weights=cw, small_weight=small_weight
+        )
 
     history = Run(out, resume, device, seed, progress).fit(
         model,

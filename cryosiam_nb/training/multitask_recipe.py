@@ -35,7 +35,7 @@ __all__ = [
 STRUCTURES = {"general": {"vesicles": 6.0, "sheets": 2.0, "microtubules": 6.0, "actin": 16.0}}
 
 #: the recipe's continuation stages, in order (each continues the previous checkpoint)
-STAGES = ("stage2", "stage3")
+STAGES = ("stage2", "stage3", "stage4")
 
 
 def _simulated(mc: dict[str, Any], prefix: str, progress: bool) -> list:
@@ -112,6 +112,8 @@ STAGE_NOTES = {
     "log-uniformly in `snr_range`",
     "stage3": "more microtubules and actin per tomogram (`structures`), class-weighted CE "
     "(`training.multitask.class_weights_of`) and more class-balanced patches",
+    "stage4": "as stage 3, with the instance loss's foreground and distance terms weighted "
+    "`small_weight`× on particles under 150 voxels (`models.targets.small_instance_weights`)",
 }
 
 
@@ -154,7 +156,8 @@ def _card(path: Path, model: Any, mc: dict[str, Any], command: str, metrics: dic
             f"- {name.capitalize()} steps: {t.get('steps')} × batch {t.get('batch_size')} "
             f"patches of {tuple(model.patch_size)} voxels ({t.get('epochs')} epochs), AdamW "
             f"one-cycle, lr {t.get('lr')}, class-balanced patches "
-            f"({t.get('foreground_fraction')}), CE class weights {t.get('class_weights')}"
+            f"({t.get('foreground_fraction')}), CE class weights {t.get('class_weights')}, "
+            f"small-particle instance weight {t.get('small_weight', 1.0)}"
             for name, t in _stages_of(md).items()
             if t
         ],
@@ -273,7 +276,9 @@ def train_stage(
     ``snr_range`` (down to the low SNR of thick or low-dose data, which stage 1's dose
     range does not reach). ``stage3``: more microtubules and actin (``structures``),
     class-weighted CE (``class_weights="auto"``) and more class-balanced patches, for the
-    rare thin classes. Keys missing from a stage come from the stage-1 settings.
+    rare thin classes. ``stage4``: as stage 3 with small particles up-weighted in the
+    instance loss (``small_weight``). A semantic prior correction folded into the
+    checkpoint by calibration is undone before training continues. Keys missing from a stage come from the stage-1 settings.
     Overwrites ``path``; returns the stage's validation tomograms.
     """
     from cryosiam_nb import models
@@ -297,6 +302,11 @@ def train_stage(
         for p in ("", "val_")
     ]
     first = models.load(path)
+    old = first.metadata.pop("semantic_prior", {}).get("shift")
+    if old:  # train the raw logits, not the calibrated ones
+        from .calibration import shift_logits
+
+        shift_logits(first, -np.asarray(old, np.float32))
     model, _ = train_multitask(
         sims[0],
         init=first,
@@ -306,6 +316,7 @@ def train_stage(
         lr=st["lr"],
         foreground_fraction=st.get("foreground_fraction", 0.6),
         class_weights=st.get("class_weights"),
+        small_weight=st.get("small_weight", 1.0),
         val_every=st["epochs"],
         val_data=sims[1],
         seed=st.get("seed_train", 0) + STAGES.index(name) + 1,

@@ -111,6 +111,24 @@ RECIPE: dict[str, Any] = {
             "epochs": 40,
             "lr": 1e-3,
         },
+        # stage 4: small particles — stage 3's data and class weights on fresh seeds, the
+        # instance loss's foreground and distance terms weighted 4× on particles under
+        # 150 voxels (they were blurred away: predicted centre distance below any seed)
+        "stage4": {
+            "n": 16,
+            "seed": 5600,
+            "val_n": 2,
+            "val_seed": 6010,
+            "structures": {
+                "general": {"vesicles": 6.0, "sheets": 2.0, "microtubules": 14.0, "actin": 40.0}
+            },
+            "snr_range": (0.05, 0.4),
+            "class_weights": "auto",
+            "foreground_fraction": 0.8,
+            "small_weight": 4.0,
+            "epochs": 24,
+            "lr": 5e-4,
+        },
         # calibration (semantic prior correction, instance post-processing) also sees
         # tomograms with the simulator's default imaging (10 Å, projection SNR 0.1, default
         # thickness and structure counts), at a realistic size; validation seeds only
@@ -167,6 +185,7 @@ QUICK: dict[str, Any] = _overridden(
         "mode": "fast",
         "stage2": {"n": 2, "val_n": 1, "epochs": 1, "snr_range": (0.04, 0.3), "lr": 1e-3},
         "stage3": {"n": 2, "val_n": 1, "epochs": 1, "class_weights": "auto", "lr": 1e-3},
+        "stage4": {"n": 2, "val_n": 1, "epochs": 1, "class_weights": "auto", "small_weight": 4.0},
         "calibration_val": {
             "seeds": (7101,),
             "samples": ("general",),

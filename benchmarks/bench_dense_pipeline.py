@@ -22,12 +22,14 @@ own high-water mark):
     python benchmarks/bench_dense_pipeline.py               # everything (~20 min on 2 cores)
     python benchmarks/bench_dense_pipeline.py --no-full-size  # without step 3
     python benchmarks/bench_dense_pipeline.py --quick        # CI-sized
+    python benchmarks/bench_dense_pipeline.py --only-today   # without the previous defaults
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import tempfile
 import time
@@ -82,10 +84,12 @@ def child_pipeline(mrc: str, region: list[int], models_: list[str], settings: di
         r = resource.getrusage(resource.RUSAGE_SELF)
         return r.ru_utime + r.ru_stime
 
+    if settings.get("cpu_fusion") is False:  # read by the inference copy in this process
+        os.environ["CRYOSIAM_NB_CPU_FUSION"] = "0"
     with tempfile.TemporaryDirectory(prefix="bench_dense_") as tmpd:
         t0, c0 = time.perf_counter(), cpu_s()
         for i, net in enumerate(nets):
-            kw = {k: v for k, v in settings.items() if k != "patch"}
+            kw = {k: v for k, v in settings.items() if k not in ("patch", "cpu_fusion")}
             if settings.get("patch") == "training":
                 kw["patch_size"] = net.patch_size
             ds = tl.predict(tomo, net, **kw)
@@ -178,10 +182,15 @@ def main(argv: list[str] | None = None) -> None:
                 PREVIOUS,
             ),
             ("tiny-multitask, previous defaults", ["tiny-multitask"], PREVIOUS),
+            (
+                "tiny-multitask, today's defaults without oneDNN fusion",
+                ["tiny-multitask"],
+                {"cpu_fusion": False},
+            ),
             ("tiny-multitask, today's defaults", ["tiny-multitask"], {}),
         ]
         if args.only_today:
-            runs = runs[-1:]
+            runs = runs[-2:]
         for name, ms, settings in runs:
             res, rss = _child(
                 "child_pipeline", mrc=str(mrc), region=list(block), models_=ms, settings=settings

@@ -169,6 +169,13 @@ def main(argv: list[str] | None = None) -> None:
         help="with --weights: also the shipped tiny-multitask, to compare a new training run",
     )
     ap.add_argument("--no-separate", action="store_true", help="skip the four separate models")
+    ap.add_argument(
+        "--tta",
+        type=int,
+        default=0,
+        help="also the multi-task model with test-time augmentation over this many flips "
+        "(tl.predict(tta=N); informational: the defaults are not chosen on held-out data)",
+    )
     args = ap.parse_args(argv)
     from cryosiam_nb import models, pp, sim
 
@@ -178,20 +185,29 @@ def main(argv: list[str] | None = None) -> None:
         )
         return models.load(src)
 
-    sets = {"tiny-multitask (one pass)": {"multitask": load("multitask")}}
+    # name → (models, tl.predict keyword arguments of the multi-task model)
+    sets: dict[str, tuple[dict, dict]] = {
+        "tiny-multitask (one pass)": ({"multitask": load("multitask")}, {})
+    }
+    if args.tta:
+        sets[f"tiny-multitask, TTA {args.tta} flips"] = (
+            {"multitask": sets["tiny-multitask (one pass)"][0]["multitask"]},
+            {"tta": args.tta},
+        )
     if args.with_shipped and args.weights is not None:
-        sets["shipped tiny-multitask"] = {"multitask": models.load("tiny-multitask")}
+        sets["shipped tiny-multitask"] = ({"multitask": models.load("tiny-multitask")}, {})
     if not args.no_separate:
-        sets["separate tiny models"] = {
-            t: models.load(f"tiny-{t}") for t in ("denoise", "lamella", "semantic", "instance")
-        }
+        sets["separate tiny models"] = (
+            {t: models.load(f"tiny-{t}") for t in ("denoise", "lamella", "semantic", "instance")},
+            {},
+        )
     tomos = held_out(args.quick)
     rows = []
     for tname, s in tomos:
         data = pp.normalize(s.volumes["noisy"].assign_attrs(voxel_size=10.0), invert=False)
         data = data.persist()
-        for sname, ms in sets.items():
-            out, secs = dense(data, ms)
+        for sname, (ms, kw) in sets.items():
+            out, secs = dense(data, ms, **kw)
             r = score(out, s)
             r["µs/voxel"] = 1e6 * secs / data.size
             rows.append({"tomogram": tname, "models": sname, **r})
@@ -231,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     base_shape = (64, 128, 128) if args.quick else (96, 192, 192)
     seed = TEST_SEEDS[0]
-    mt = sets["tiny-multitask (one pass)"]
+    mt = sets["tiny-multitask (one pass)"][0]
     variants = []
     s14 = sim.simulate(
         tuple(int(round(x * 10 / 14)) for x in base_shape),

@@ -216,29 +216,44 @@ def test_outputs_per_task_dtypes_dims_coords():
     assert emb.sizes["feature"] == 4
 
 
+def _check_calls(model: ToyNet) -> int:
+    """Forward calls spent checking one inference copy of ``model`` on its probe input."""
+    from cryosiam_nb.inference._fast import inference_copy
+    from cryosiam_nb.inference._windows import _probe
+
+    before = model.calls
+    inference_copy(model, torch.device("cpu"), model.task, _probe(model.patch_size))
+    n = model.calls - before
+    model.calls = before
+    assert n <= 4  # plain vs folded, plain vs fused: two forwards each at most
+    return n
+
+
 def test_each_window_runs_the_model_once():
     """All heads come from one pass, and chunking adds no window evaluations."""
     vol, arr = _tomo((40, 48, 56))
     model = ToyNet("semantic").eval()
+    checks = _check_calls(model)
     ds = predict(arr, model, chunks=(16, 16, 32), batch_size=1)
     n0 = model.calls  # predict itself is lazy
     dask.compute(ds["probabilities"], ds["labels"], ds["distance"])
     n_windows = 4 * 5 * 6  # MONAI's grid: (40-16)/8+1, (48-16)/8+1, (56-16)/8+1
-    assert model.calls - n0 == n_windows
+    assert model.calls - n0 == n_windows + checks  # one inference copy per computation
 
 
 def test_roi_skips_chunks_and_is_exact_inside():
     vol, arr = _tomo((48, 64, 64))
     model = ToyNet("denoise", seed=2).eval()
+    checks = _check_calls(model)
     full = predict(arr, model, chunks=32, batch_size=1)["denoised"].values
-    n_full = model.calls
+    n_full = model.calls - checks
     mask = np.zeros(vol.shape, np.uint8)
     mask[20:30, 8:40, 10:50] = 1  # a small box: most chunks have no sample
     model.calls = 0
     ds = predict(arr, model, chunks=32, batch_size=1, roi=mask)
     n_dry = model.calls
     got = ds["denoised"].values
-    n_masked = model.calls - n_dry
+    n_masked = model.calls - n_dry - checks
     assert n_full == 5 * 7 * 7  # every window of MONAI's grid
     assert n_masked == 3 * 5 * 7  # only windows containing a masked voxel run
     inside = mask > 0
@@ -625,6 +640,52 @@ def test_inference_copy_falls_back_when_folding_would_change_the_output():
     x = torch.rand(1, 1, 8, 8, 8)
     with torch.inference_mode():
         torch.testing.assert_close(fast(x)["denoised"], t(x)["denoised"])
+
+
+def test_cpu_fusion_keeps_the_outputs_of_the_shipped_model(monkeypatch):
+    """conv + residual add + ReLU fused for oneDNN, heads' first convs merged: same maps."""
+    import copy
+
+    from cryosiam_nb.inference import _fusion
+    from cryosiam_nb.inference._fast import fold_batchnorm, inference_copy
+
+    if not _fusion.fusion_available():
+        pytest.skip("this PyTorch build has no oneDNN fused convolution")
+    model = models.load("tiny-multitask")
+    plain = copy.deepcopy(model).float().eval()
+    fold_batchnorm(plain)
+    fast = inference_copy(model, torch.device("cpu"), "multitask", (24, 24, 24))
+    kinds = {type(m).__name__ for m in fast.modules()}
+    assert {"_MergedHeads", "_FusedFPN", "_FusedBottleneck", "FusedConv3d"} <= kinds
+    x = torch.rand(1, 1, 24, 32, 40, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        ref, got = plain(x), fast(x)
+        assert set(got) == set(ref)
+        for k in ref:  # float32: the same arithmetic, oneDNN's summation order
+            torch.testing.assert_close(got[k], ref[k], atol=1e-4, rtol=1e-4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref16, got16 = plain(x), fast(x)
+    for k in ref:  # bfloat16: a fused add is rounded once instead of twice
+        err = (got16[k].float() - ref[k]).abs().mean() / (ref[k].abs().mean() + 1e-6)
+        err_ref = (ref16[k].float() - ref[k]).abs().mean() / (ref[k].abs().mean() + 1e-6)
+        assert err < 2 * err_ref + 1e-3, k
+    # without oneDNN's op the fused modules fall back to plain PyTorch ops, same maps
+    monkeypatch.setattr(_fusion, "_pointwise", lambda: None)
+    with torch.inference_mode():
+        for k, v in fast(x).items():
+            torch.testing.assert_close(v, ref[k], atol=1e-4, rtol=1e-4)
+
+
+def test_inference_copy_drops_a_fusion_that_changes_the_output(monkeypatch):
+    from cryosiam_nb.inference import _fusion
+    from cryosiam_nb.inference._fast import inference_copy
+
+    real = _fusion.FusedConv3d.forward
+    monkeypatch.setattr(
+        _fusion.FusedConv3d, "forward", lambda self, x, residual=None: real(self, x, residual) + 1
+    )
+    fast = inference_copy(models.load("tiny-multitask"), torch.device("cpu"), "multitask")
+    assert not any(isinstance(m, _fusion.FusedConv3d) for m in fast.modules())
 
 
 def test_precision_choices_and_bfloat16_tolerance():

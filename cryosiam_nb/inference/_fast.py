@@ -11,6 +11,7 @@ bfloat16 on CPUs with native bf16 instructions (AMX or AVX512-BF16), float32 oth
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Mapping
 
 import torch
@@ -119,27 +120,40 @@ def _same(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], tol: flo
     return True
 
 
+def _checked(plain: nn.Module, fast: nn.Module, task: str, probe: tuple[int, int, int]) -> bool:
+    """``fast`` gives ``plain``'s outputs (1e-4 relative) on one random float32 ``probe``."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand((1, 1, *probe), generator=g)
+    try:
+        with torch.inference_mode():
+            return _same(_outputs(plain, x, task), _outputs(fast, x, task), 1e-4)
+    except Exception:  # noqa: BLE001 - any failure means: keep the plain model
+        return False
+
+
 def inference_copy(
     model: nn.Module, dev: torch.device, task: str, probe: tuple[int, int, int] = (16, 16, 16)
 ) -> nn.Module:
     """An eval-mode copy of ``model`` on ``dev``, BatchNorm folded, channels-last on CPU.
 
-    The folded copy is compared with the plain copy on one random ``probe`` input (z, y, x
-    voxels, float32); if any output differs by more than 1e-4 (relative), the plain copy is
-    returned. The caller's model is never changed.
+    On CPU the folded copy is also fused for oneDNN
+    (:func:`~cryosiam_nb.inference._fusion.fuse_for_cpu`: convolution + residual add + ReLU
+    in one call, the heads' first convolutions merged). Each step is compared with the
+    plain copy on one random ``probe`` input (z, y, x voxels, float32); a step whose outputs
+    differ by more than 1e-4 (relative) is not used. The caller's model is never changed.
+    Set the environment variable ``CRYOSIAM_NB_CPU_FUSION=0`` to skip the fusion (for
+    comparisons, or on a CPU where oneDNN misbehaves).
     """
+    from ._fusion import fuse_for_cpu
+
     plain = copy.deepcopy(model).float().eval()
     fast = copy.deepcopy(plain)
-    if fold_batchnorm(fast):
-        g = torch.Generator().manual_seed(0)
-        x = torch.rand((1, 1, *probe), generator=g)
-        try:
-            with torch.inference_mode():
-                ok = _same(_outputs(plain, x, task), _outputs(fast, x, task), 1e-4)
-        except Exception:  # noqa: BLE001 - any failure means: keep the plain model
-            ok = False
-        if not ok:
-            fast = plain
+    if fold_batchnorm(fast) and not _checked(plain, fast, task, probe):
+        fast = copy.deepcopy(plain)
+    if dev.type == "cpu" and os.environ.get("CRYOSIAM_NB_CPU_FUSION", "1") != "0":
+        fused = copy.deepcopy(fast)
+        if fuse_for_cpu(fused) and _checked(plain, fused, task, probe):
+            fast = fused
     fast = fast.to(dev)
     if dev.type == "cpu":
         fast = fast.to(memory_format=torch.channels_last_3d)

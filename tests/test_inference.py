@@ -643,7 +643,7 @@ def test_inference_copy_falls_back_when_folding_would_change_the_output():
 
 
 def test_cpu_fusion_keeps_the_outputs_of_the_shipped_model(monkeypatch):
-    """conv + residual add + ReLU fused for oneDNN, heads' first convs merged: same maps."""
+    """conv + residual add + ReLU fused for oneDNN: the same maps."""
     import copy
 
     from cryosiam_nb.inference import _fusion
@@ -656,7 +656,7 @@ def test_cpu_fusion_keeps_the_outputs_of_the_shipped_model(monkeypatch):
     fold_batchnorm(plain)
     fast = inference_copy(model, torch.device("cpu"), "multitask", (24, 24, 24))
     kinds = {type(m).__name__ for m in fast.modules()}
-    assert {"_MergedHeads", "_FusedFPN", "_FusedBottleneck", "FusedConv3d"} <= kinds
+    assert {"_FusedFPN", "_FusedBottleneck", "FusedConv3d"} <= kinds
     x = torch.rand(1, 1, 24, 32, 40, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         ref, got = plain(x), fast(x)

@@ -6,13 +6,10 @@ before it. :func:`fuse_for_cpu` rewrites an (eval-mode, BatchNorm-folded) model 
 that each ``Conv3d`` followed by a ``ReLU``, each residual add + ReLU of a bottleneck block
 and each FPN top-down add run inside the convolution as oneDNN post-ops (PyTorch's own
 ``torch.ops.mkldnn._convolution_pointwise``, the kernels ``torch.compile`` uses on CPU, with
-no compile step). It also
-
-- runs a convolution with one input channel (the stem) in float32: oneDNN's bfloat16
-  kernel for it is about 2× slower than float32 on AVX-512 CPUs;
-- merges the first convolution of every head of a multi-task model (they all read the same
-  embedding) into one wider convolution: one 16→32 convolution costs about half of four
-  16→8 ones.
+no compile step). It also runs a convolution with one input channel (the stem) in float32:
+oneDNN's bfloat16 kernel for it is about 2× slower than float32 on AVX-512 CPUs. (Merging the heads' first
+convolutions into one wider one was measured too: no gain, because each head must then copy
+its channel slice into a dense tensor.)
 
 The arithmetic is the same as the unfused model; in float32 outputs agree to rounding
 (callers check on a probe input), in bfloat16 a fused add is rounded once instead of twice.
@@ -182,66 +179,6 @@ class _FusedFPN(nn.Module):
         return F.interpolate(top, size=like.shape[2:], mode="trilinear", align_corners=False)
 
 
-class _MergedHeads(nn.Module):
-    """``MultiTaskHeads`` of fused task heads whose first convolutions (all reading the same
-    embedding) run as one wider convolution + ReLU; the rest of each trunk as before."""
-
-    def __init__(self, heads: nn.Module) -> None:
-        super().__init__()
-        self.tasks = tuple(heads.tasks)
-        firsts = [getattr(heads, t).trunk[0] for t in self.tasks]
-        merged = nn.Conv3d(
-            firsts[0].in_channels,
-            sum(c.out_channels for c in firsts),
-            firsts[0].kernel_size,
-            stride=firsts[0].stride,
-            padding=firsts[0].padding,
-            dilation=firsts[0].dilation,
-        )
-        with torch.no_grad():
-            merged.weight.copy_(torch.cat([c.weight for c in firsts]))
-            merged.bias.copy_(torch.cat([c.bias for c in firsts]))
-        self.first = FusedConv3d(merged, relu=True)
-        self.widths = [c.out_channels for c in firsts]
-        self.rest = nn.ModuleDict()
-        self.keys: dict[str, tuple[list[str], list[int]]] = {}
-        for t in self.tasks:
-            h = getattr(heads, t)
-            rest = nn.Sequential(*list(h.trunk)[3:])
-            _fuse_sequential(rest)
-            self.rest[t] = rest
-            self.keys[t] = (list(h.keys), list(h.sizes))
-
-    def forward(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for t, piece in zip(self.tasks, torch.split(self.first(z), self.widths, dim=1)):
-            keys, sizes = self.keys[t]
-            for key, val in zip(keys, torch.split(self.rest[t](piece), sizes, dim=1)):
-                out[f"{t}/{key}"] = val
-        return out
-
-
-def _heads_mergeable(m: nn.Module) -> bool:
-    from cryosiam_nb.models.networks import FusedTaskHeads, MultiTaskHeads
-
-    if type(m) is not MultiTaskHeads or not m.tasks:
-        return False
-    firsts = []
-    for t in m.tasks:
-        h = getattr(m, t)
-        if type(h) is not FusedTaskHeads or len(h.trunk) < 4:
-            return False
-        c, mid, act = h.trunk[0], h.trunk[1], h.trunk[2]
-        if not (_fusable(c) and c.groups == 1 and c.bias is not None):
-            return False
-        if not (isinstance(mid, nn.Identity) and _is_relu(act)):
-            return False
-        firsts.append(c)
-    ref = firsts[0]
-    same = ("in_channels", "kernel_size", "stride", "padding", "dilation")
-    return all(all(getattr(c, a) == getattr(ref, a) for a in same) for c in firsts)
-
-
 def fuse_for_cpu(model: nn.Module) -> int:
     """Rewrite ``model`` (eval mode, BatchNorm already folded) in place for fused CPU
     inference; returns the number of rewrites (0 when oneDNN's fused op is missing)."""
@@ -263,9 +200,6 @@ def fuse_for_cpu(model: nn.Module) -> int:
                 _fusable(getattr(child, f"layer{k}")) for k in (2, 3, 4)
             ):
                 parent._modules[name] = _FusedFPN(child)
-                n += 1
-            elif _heads_mergeable(child):
-                parent._modules[name] = _MergedHeads(child)
                 n += 1
     for mod in list(model.modules()):
         if isinstance(mod, ResNet) and _fusable(mod.conv1) and _is_relu(mod.act):

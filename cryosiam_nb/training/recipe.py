@@ -37,6 +37,21 @@ __all__ = ["main", "simulate_training_set", "RECIPE", "QUICK", "SIM_STRUCTURES"]
 #: membranes, microtubules and actin.
 SIM_STRUCTURES = {"vesicles": 12.0, "sheets": 3.0, "microtubules": 8.0, "actin": 20.0}
 
+#: the multi-task stages 3 and 4's data and class balance: 2.3× the microtubules and 2.5× the
+#: actin per tomogram, both noise regimes (stage 1's dose range and stage 2's low SNR, so
+#: the rare classes are learnt without forgetting low-SNR input), CE weighted by class
+#: frequency, 80 % class-balanced patches
+_RARE_CLASSES: dict[str, Any] = {
+    "structures": {
+        "general": {"vesicles": 6.0, "sheets": 2.0, "microtubules": 14.0, "actin": 40.0}
+    },
+    "snr_range": (0.05, 0.4),
+    "class_weights": "auto",
+    "foreground_fraction": 0.8,
+    "epochs": 40,
+    "lr": 1e-3,
+}
+
 RECIPE: dict[str, Any] = {
     "sim": {"n": 8, "shape": (48, 96, 96), "voxel_size": 10.0, "seed": 2024, "mode": "tilt"},
     "dense_ssl": {
@@ -95,22 +110,7 @@ RECIPE: dict[str, Any] = {
         },
         # stage 3: rare thin classes — 2.3× the microtubules and 2.5× the actin per
         # tomogram, CE weighted by class frequency, 80 % class-balanced patches
-        "stage3": {
-            "n": 16,
-            "seed": 5400,
-            "val_n": 2,
-            "val_seed": 5980,
-            "structures": {
-                "general": {"vesicles": 6.0, "sheets": 2.0, "microtubules": 14.0, "actin": 40.0}
-            },
-            # both noise regimes (stage 1's dose range and stage 2's low SNR), so the rare
-            # classes are learnt without forgetting low-SNR input
-            "snr_range": (0.05, 0.4),
-            "class_weights": "auto",
-            "foreground_fraction": 0.8,
-            "epochs": 40,
-            "lr": 1e-3,
-        },
+        "stage3": {"n": 16, "seed": 5400, "val_n": 2, "val_seed": 5980, **_RARE_CLASSES},
         # stage 4: small particles — stage 3's data and class weights on fresh seeds, the
         # instance loss's foreground and distance terms weighted 4× on particles under
         # 150 voxels (they were blurred away: predicted centre distance below any seed)
@@ -119,12 +119,7 @@ RECIPE: dict[str, Any] = {
             "seed": 5600,
             "val_n": 2,
             "val_seed": 6010,
-            "structures": {
-                "general": {"vesicles": 6.0, "sheets": 2.0, "microtubules": 14.0, "actin": 40.0}
-            },
-            "snr_range": (0.05, 0.4),
-            "class_weights": "auto",
-            "foreground_fraction": 0.8,
+            **_RARE_CLASSES,
             "small_weight": 4.0,
             "epochs": 24,
             "lr": 5e-4,

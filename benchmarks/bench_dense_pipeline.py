@@ -84,6 +84,22 @@ def child_pipeline(mrc: str, region: list[int], models_: list[str], settings: di
         r = resource.getrusage(resource.RUSAGE_SELF)
         return r.ru_utime + r.ru_stime
 
+    import threading
+
+    peaks = {"RssAnon": 0, "RssFile": 0, "RssShmem": 0}
+    done = threading.Event()
+
+    def sample() -> None:  # the largest anonymous / file-backed resident sizes seen (kB)
+        while not done.wait(0.1):
+            with open("/proc/self/status") as f:
+                for line in f:
+                    k = line.split(":")[0]
+                    if k in peaks:
+                        peaks[k] = max(peaks[k], int(line.split()[1]))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    if Path("/proc/self/status").exists():
+        sampler.start()
     if settings.get("cpu_fusion") is False:  # read by the inference copy in this process
         os.environ["CRYOSIAM_NB_CPU_FUSION"] = "0"
     with tempfile.TemporaryDirectory(prefix="bench_dense_") as tmpd:
@@ -96,7 +112,10 @@ def child_pipeline(mrc: str, region: list[int], models_: list[str], settings: di
             write_predictions(ds, Path(tmpd) / f"out{i}.zarr", progress=False)
         wall = time.perf_counter() - t0
         cores = (cpu_s() - c0) / wall
+    done.set()
     return {
+        "rss_anon_gib": peaks["RssAnon"] / 2**20,
+        "rss_file_gib": peaks["RssFile"] / 2**20,
         "wall_s": wall,
         "voxels": int(z * y * x),
         "window": ds.attrs["patch_size"],
@@ -253,6 +272,8 @@ def _row(name: str, shape, res: dict, rss: float, fpv: float, peak: dict) -> dic
         "Mvox/s": round(mvox / res["wall_s"], 4),
         "µs/voxel": round(1e6 * res["wall_s"] / res["voxels"], 3),
         "peak RSS GiB": round(rss, 2),
+        "peak anon / file GiB": f"{res.get('rss_anon_gib', float('nan')):.2f} / "
+        f"{res.get('rss_file_gib', float('nan')):.2f}",
         "cores busy": round(res.get("cores", float("nan")), 2),
         "useful GFLOP/s": round(useful, 1),
         "% of fp32 peak": round(100 * useful / peak["fp32"], 1),

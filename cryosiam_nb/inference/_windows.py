@@ -401,10 +401,20 @@ def stage2(
     after: object = None,
 ) -> np.ndarray:
     """Sum the window contributions landing in one chunk, normalise, activate, zero outside
-    the roi (``after``: this chunk's slices for its neighbours, an ordering dependency)."""
+    the roi (``after``: this chunk's slices for its neighbours, an ordering dependency).
+
+    A piece that covers the whole chunk (normally the chunk's own windows, a view of its
+    window sums) is summed into in place instead of a new buffer: every piece goes to this
+    chunk only, and ``after`` guarantees the neighbours' slices were already copied out."""
     total = None
+    full = tuple(slice(0, n) for n in shape)
     for part, place in zip(parts, places):
-        if part is None:
+        covers = tuple(slice(s.start or 0, s.stop) for s in place) == full
+        if part is not None and covers and part.dtype == np.float32 and part.flags.writeable:
+            total = part
+            break
+    for part, place in zip(parts, places):
+        if part is None or part is total:
             continue
         if total is None:
             total = np.zeros((part.shape[0], *shape), dtype=np.float32)

@@ -39,7 +39,7 @@ STRUCTURES = {"general": {"vesicles": 6.0, "sheets": 2.0, "microtubules": 6.0, "
 STAGES = ("stage2", "stage3")
 #: stages that run only when named (``--stages``): measured, not part of the shipped chain.
 #: ``stage4`` (small particles up-weighted, 24 epochs at lr 5e-4 after stage 3) lowered
-#: every validation metric of the calibrated model (semantic Dice 0.596 vs 0.620, AP-50
+#: most validation metrics of the calibrated model (semantic Dice 0.596 vs 0.620, AP-50
 #: 0.313 vs 0.345, small-particle F1 0.243 vs 0.255 on the calibration tomograms)
 OPTIONAL_STAGES = ("stage4",)
 _ALL_STAGES = STAGES + OPTIONAL_STAGES

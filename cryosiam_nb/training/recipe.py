@@ -111,8 +111,8 @@ RECIPE: dict[str, Any] = {
         # stage 3: rare thin classes — 2.3× the microtubules and 2.5× the actin per
         # tomogram, CE weighted by class frequency, 80 % class-balanced patches
         "stage3": {"n": 16, "seed": 5400, "val_n": 2, "val_seed": 5980, **_RARE_CLASSES},
-        # stage 4 (optional, run only with --stages stage4; it lowered every validation
-        # metric, see multitask_recipe.OPTIONAL_STAGES): small particles — stage 3's data
+        # stage 4 (optional, run only with --stages stage4; it lowered most validation
+        # metrics, see multitask_recipe.OPTIONAL_STAGES): small particles — stage 3's data
         # and class weights on fresh seeds, the instance loss's foreground and distance
         # terms weighted 4× on particles under 150 voxels
         "stage4": {

@@ -138,9 +138,9 @@ def inference_copy(
 
     On CPU the folded copy is also fused for oneDNN
     (:func:`~cryosiam_nb.inference._fusion.fuse_for_cpu`: convolution + residual add + ReLU
-    in one call). Each step is compared with the
-    plain copy on one random ``probe`` input (z, y, x voxels, float32); a step whose outputs
-    differ by more than 1e-4 (relative) is not used. The caller's model is never changed.
+    in one call). Each step is compared with the plain copy on one random ``probe`` input
+    (z, y, x voxels, float32); a step whose outputs differ by more than 1e-4 (relative) is
+    not used. The caller's model is never changed.
     Set the environment variable ``CRYOSIAM_NB_CPU_FUSION=0`` to skip the fusion (for
     comparisons, or on a CPU where oneDNN misbehaves).
     """

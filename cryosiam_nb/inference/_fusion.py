@@ -6,10 +6,10 @@ before it. :func:`fuse_for_cpu` rewrites an (eval-mode, BatchNorm-folded) model 
 that each ``Conv3d`` followed by a ``ReLU``, each residual add + ReLU of a bottleneck block
 and each FPN top-down add run inside the convolution as oneDNN post-ops (PyTorch's own
 ``torch.ops.mkldnn._convolution_pointwise``, the kernels ``torch.compile`` uses on CPU, with
-no compile step). It also runs a convolution with one input channel (the stem) in float32:
-oneDNN's bfloat16 kernel for it is about 2× slower than float32 on AVX-512 CPUs. (Merging the heads' first
-convolutions into one wider one was measured too: no gain, because each head must then copy
-its channel slice into a dense tensor.)
+no compile step). It also runs a convolution with one input channel (the stem) in
+float32: oneDNN's bfloat16 kernel for it is about 2× slower than float32 on AVX-512 CPUs.
+Merging the heads' first convolutions into one wider one was measured too and not kept: no
+gain, because each head must then copy its channel slice into a dense tensor.
 
 The arithmetic is the same as the unfused model; in float32 outputs agree to rounding
 (callers check on a probe input), in bfloat16 a fused add is rounded once instead of twice.

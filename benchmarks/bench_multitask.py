@@ -131,7 +131,11 @@ def score(out: dict, truth) -> dict[str, float]:
     pc, _ = _centres(out["instances"])
     tc, tsize = _centres(gt)
     for tag, keep in (("small", tsize < SMALL), ("all", np.ones(len(tc), bool))):
-        if keep.sum() == 0 or len(pc) == 0:
+        if keep.sum() == 0:  # nothing to pick (no particle under 150 voxels in the
+            # transcription or chromatin samples): undefined, left out of the mean
+            r[f"recall_{tag}"] = r[f"f1_{tag}"] = float("nan")
+            continue
+        if len(pc) == 0:
             r[f"recall_{tag}"] = r[f"f1_{tag}"] = 0.0
             continue
         p = metrics.picking_scores(pc, tc[keep], radius=RADIUS)

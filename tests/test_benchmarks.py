@@ -166,3 +166,37 @@ def test_quick_run_produces_finite_tables():
     denoise = pd.read_csv(mod.RESULTS / "denoise_quick.csv").set_index("method")
     for method in ("noisy input",) + tuple(m for m in denoise.index if m.startswith("Gaussian")):
         assert math.isfinite(denoise.loc[method, "PSNR matched dB"])
+
+
+def test_multitask_bench_leaves_small_picking_undefined_without_small_particles():
+    """A tomogram without particles under 150 voxels (transcription, chromatin) has no
+    small-particle F1: NaN (left out of the mean), not 0; a miss where they exist is 0."""
+    from types import SimpleNamespace
+
+    import xarray as xr
+
+    bm = _module("bench_multitask")
+    inst = np.zeros((24, 24, 24), np.uint32)
+    inst[2:10, 2:10, 2:10] = 1  # 512 voxels: big
+    sem = (inst > 0).astype(np.int64) * 3
+    vols = {
+        "semantic": sem,
+        "instances": inst,
+        "clean": np.random.default_rng(0).random(inst.shape).astype(np.float32),
+        "lamella": np.ones(inst.shape, np.uint8),
+    }
+    truth = SimpleNamespace(volumes={k: xr.DataArray(v) for k, v in vols.items()})
+    out = {
+        "semantic": sem,
+        "instances": inst,
+        "denoised": vols["clean"],
+        "lamella": vols["lamella"],
+    }
+    r = bm.score(out, truth)
+    assert np.isnan(r["f1_small"]) and np.isnan(r["recall_small"])
+    assert r["f1_all"] == 1.0 and r["ap50"] == 1.0
+    small = inst.copy()
+    small[15:19, 15:19, 15:19] = 2  # 64 voxels: small, and predicted as nothing
+    truth.volumes["instances"] = xr.DataArray(small)
+    r = bm.score(out, truth)
+    assert r["recall_small"] == 0.0 and r["f1_small"] == 0.0

@@ -223,6 +223,24 @@ def test_instance_defaults_are_tuned_on_validation_tomograms_over_the_grid():
     assert set(best) == set(grid) and best["threshold_foreground"] in (0.3, 0.5)
     assert len(table) == 2 and {"ap50", "f1_small", "score"} <= set(table.columns)
     assert table["score"].is_monotonic_decreasing
+    # a tomogram without small particles adds no small-particle F1 (not a 0 to the mean):
+    # perfect maps of the full labels score the same with or without a second tomogram
+    # whose small particles are erased from the truth
+    from cryosiam_nb.segmentation import maps_from_labels
+
+    t = tomos[0]
+    gt = t.labels["instances"]
+    ids, n = np.unique(gt[gt > 0], return_counts=True)
+    assert (n < 150).any()
+    no_small = Tomogram(
+        "no_small", t.image, {**t.labels, "instances": np.where(np.isin(gt, ids[n < 150]), 0, gt)}
+    )
+    perfect = maps_from_labels(gt).compute()
+    kw = {"grid": {"threshold_foreground": (0.5,)}, "progress": False}
+    _, one = tune_instance_defaults(None, [t], predictions=[perfect], **kw)
+    _, both = tune_instance_defaults(None, [t, no_small], predictions=[perfect] * 2, **kw)
+    assert one["f1_small"].iloc[0] > 0.5
+    np.testing.assert_allclose(both["f1_small"], one["f1_small"])
 
 
 def test_recipe_continues_the_shipped_model_with_a_stage_and_leaves_no_side_files(tmp_path):

@@ -441,7 +441,8 @@ def tune_instance_defaults(
 
     Every combination of ``grid`` (default :data:`INSTANCE_GRID`) is scored by the mean of
     AP-50 and the picking F1 of particles under ``small`` voxels (centroids within
-    ``radius`` voxels), averaged over ``tomograms``; one ``tl.predict`` pass per tomogram.
+    ``radius`` voxels), averaged over ``tomograms`` (the F1 over those that have small
+    particles); one ``tl.predict`` pass per tomogram.
     Returns the best settings and the whole table (one row per combination).
     ``predictions``: the computed ``tl.predict`` Datasets of ``tomograms``, if already made.
     """
@@ -470,7 +471,9 @@ def tune_instance_defaults(
             pc = _centroids(lab)
             tc, size = _centroids(gt, sizes=True)
             keep = size < small
-            f1 = 0.0
+            # a tomogram without small particles (transcription, chromatin) has no small
+            # F1: it is left out of the mean instead of counting as 0
+            f1 = 0.0 if keep.any() else np.nan
             if len(pc) and keep.any():
                 m_ = metrics.picking_scores(pc, tc, radius=radius)["matches"]
                 tp = int(keep[m_[:, 1]].sum()) if len(m_) else 0
@@ -478,7 +481,9 @@ def tune_instance_defaults(
                 prec, rec = tp / max(tp + fp, 1), tp / int(keep.sum())
                 f1 = 2 * prec * rec / max(prec + rec, 1e-9)
             scores.append((ap50, f1))
-        ap, f1 = np.mean(scores, axis=0)
+        ap = float(np.mean([a for a, _ in scores]))
+        f1s = [f for _, f in scores if np.isfinite(f)]
+        f1 = float(np.mean(f1s)) if f1s else 0.0
         rows.append({**kw, "ap50": float(ap), "f1_small": float(f1), "score": float(ap + f1) / 2})
     import inspect
 

@@ -41,7 +41,7 @@ STAGES = ("stage2", "stage3")
 #: ``stage4`` (small particles up-weighted, 24 epochs at lr 5e-4 after stage 3) lowered
 #: most validation metrics of the calibrated model (semantic Dice 0.596 vs 0.620, AP-50
 #: 0.313 vs 0.345, small-particle F1 0.243 vs 0.255 on the calibration tomograms)
-OPTIONAL_STAGES = ("stage4",)
+OPTIONAL_STAGES = ("stage4", "stage5")
 _ALL_STAGES = STAGES + OPTIONAL_STAGES
 
 
@@ -121,6 +121,8 @@ STAGE_NOTES = {
     "(`training.multitask.class_weights_of`) and more class-balanced patches",
     "stage4": "as stage 3, with the instance loss's foreground and distance terms weighted "
     "`small_weight`× on particles under 150 voxels (`models.targets.small_instance_weights`)",
+    "stage5": "as stage 3 on fresh seeds, with twice the default DNA in the transcription "
+    "sample",
 }
 
 

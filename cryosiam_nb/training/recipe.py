@@ -125,6 +125,20 @@ RECIPE: dict[str, Any] = {
             "epochs": 24,
             "lr": 5e-4,
         },
+        # stage 5 (optional, run only with --stages stage5): stage 3 continued on fresh
+        # seeds for 30 more epochs, with twice the default DNA in the transcription sample
+        "stage5": {
+            "n": 16,
+            "seed": 5800,
+            "val_n": 2,
+            "val_seed": 6040,
+            **_RARE_CLASSES,
+            "structures": {
+                **_RARE_CLASSES["structures"],
+                "transcription": {"dna": 8.0},
+            },
+            "epochs": 30,
+        },
         # calibration (semantic prior correction, instance post-processing) also sees
         # tomograms with the simulator's default imaging (10 Å, projection SNR 0.1, default
         # thickness and structure counts), at a realistic size; validation seeds only
@@ -182,6 +196,7 @@ QUICK: dict[str, Any] = _overridden(
         "stage2": {"n": 2, "val_n": 1, "epochs": 1, "snr_range": (0.04, 0.3), "lr": 1e-3},
         "stage3": {"n": 2, "val_n": 1, "epochs": 1, "class_weights": "auto", "lr": 1e-3},
         "stage4": {"n": 2, "val_n": 1, "epochs": 1, "class_weights": "auto", "small_weight": 4.0},
+        "stage5": {"n": 2, "val_n": 1, "epochs": 1, "class_weights": "auto", "lr": 1e-3},
         "calibration_val": {
             "seeds": (7101,),
             "samples": ("general",),

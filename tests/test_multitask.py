@@ -365,3 +365,26 @@ def test_lamella_threshold_is_calibrated_on_validation_tomograms():
     assert table["lamella_dice"].is_monotonic_decreasing and len(table) == 5
     with pytest.raises(InputError, match="at least one"):
         calibrate_lamella_threshold(_model(6), [], progress=False)
+
+
+def test_an_instance_only_stage_changes_the_instance_head_and_nothing_else(tmp_path):
+    """Stage 6 trains the instance head alone: the backbone (frozen) and the heads with loss
+    weight 0 keep their weights and BatchNorm statistics; only the semantic logits' bias
+    moves (the prior correction is re-calibrated afterwards)."""
+    import shutil
+
+    from cryosiam_nb.training import recipe
+
+    shutil.copy(models.WEIGHTS_DIR / "tiny-multitask.pt", tmp_path / "tiny-multitask.pt")
+    before = models.load(tmp_path / "tiny-multitask.pt").state_dict()
+    argv = ["--quick", "--only", "multitask", "--out", str(tmp_path), "--no-progress"]
+    assert recipe.main([*argv, "--stages", "stage6"]) == 0
+    m = models.load(tmp_path / "tiny-multitask.pt")
+    after = m.state_dict()
+    assert m.metadata["stages"]["stage6"]["freeze"] == "backbone"
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("heads.instance.") or k.endswith(".bias") for k in changed)
+    assert any(k.startswith("heads.instance.") for k in changed)
+    others = [k for k in changed if not k.startswith("heads.instance.")]
+    assert all(k.startswith("heads.semantic.") for k in others)  # the prior shift only
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-multitask.md", "tiny-multitask.pt"]

@@ -41,7 +41,7 @@ STAGES = ("stage2", "stage3")
 #: ``stage4`` (small particles up-weighted, 24 epochs at lr 5e-4 after stage 3) lowered
 #: most validation metrics of the calibrated model (semantic Dice 0.596 vs 0.620, AP-50
 #: 0.313 vs 0.345, small-particle F1 0.243 vs 0.255 on the calibration tomograms)
-OPTIONAL_STAGES = ("stage4", "stage5")
+OPTIONAL_STAGES = ("stage4", "stage5", "stage6")
 _ALL_STAGES = STAGES + OPTIONAL_STAGES
 
 
@@ -121,8 +121,10 @@ STAGE_NOTES = {
     "(`training.multitask.class_weights_of`) and more class-balanced patches",
     "stage4": "as stage 3, with the instance loss's foreground and distance terms weighted "
     "`small_weight`× on particles under 150 voxels (`models.targets.small_instance_weights`)",
-    "stage5": "as stage 3 on fresh seeds, with twice the default DNA in the transcription "
-    "sample",
+    "stage5": "as stage 3 on fresh seeds, with twice the default DNA in the transcription sample",
+    "stage6": "the instance head alone (backbone frozen, the other heads' loss weight 0 and "
+    "their weights kept) on stage 5's kind of data, with particles under 150 voxels "
+    "weighted `small_weight`× in the instance loss",
 }
 
 
@@ -326,9 +328,11 @@ def train_stage(
         foreground_fraction=st.get("foreground_fraction", 0.6),
         class_weights=st.get("class_weights"),
         small_weight=st.get("small_weight", 1.0),
+        weights=st.get("loss_weights"),
+        freeze=st.get("freeze", "none"),
         val_every=st["epochs"],
         val_data=sims[1],
-        seed=st.get("seed_train", 0) + _ALL_STAGES.index(name) + 1,
+        seed=_stage_seed(mc, name),
         out=path.with_name(path.stem + f".{name}.pt"),
         resume=resume,
         progress=progress,
@@ -337,6 +341,7 @@ def train_stage(
         time.perf_counter() - t_start
     )
     model.metadata["train_threads"] = torch.get_num_threads()
+    _keep_untrained_heads(model, first, st.get("loss_weights"))
     done = _stages_of(first.metadata)
     done[name] = model.metadata.get("training", {})
     model.metadata["stages"] = done
@@ -344,6 +349,28 @@ def train_stage(
     for side in path.parent.glob(f"{path.stem}.{name}.*"):  # the stage's checkpoint/state
         side.unlink()
     return sims[1]
+
+
+def _stage_seed(mc: dict[str, Any], name: str) -> int:
+    """Training seed of stage ``name``: its own ``seed_train`` when set (so that moving a
+    stage between :data:`STAGES` and :data:`OPTIONAL_STAGES` keeps its seed), else
+    stage 1's plus the stage's position."""
+    if "seed_train" in mc.get(name, {}):
+        return int(mc[name]["seed_train"])
+    return int(mc.get("seed_train", 0)) + _ALL_STAGES.index(name) + 1
+
+
+def _keep_untrained_heads(model: Any, first: Any, loss_weights: dict | None) -> None:
+    """Give the heads whose loss weight was 0 back their weights *and* BatchNorm statistics
+    from before the stage: they ran in every forward pass (train mode updates running
+    statistics) but were not trained, so their outputs must not change."""
+    if not loss_weights:
+        return
+    before = first.state_dict()
+    idle = [t for t, w in loss_weights.items() if not w]
+    keep = {k: v for k, v in before.items() if any(k.startswith(f"heads.{t}.") for t in idle)}
+    if keep:
+        model.load_state_dict({**model.state_dict(), **keep}, strict=True)
 
 
 def continue_shipped_multitask(

@@ -138,6 +138,26 @@ RECIPE: dict[str, Any] = {
                 "transcription": {"dna": 8.0},
             },
             "epochs": 30,
+            "seed_train": 4,
+        },
+        # stage 6 (optional, run only with --stages stage6): the instance head alone after
+        # stage 5 (backbone frozen, other heads untouched), particles under 150 voxels
+        # weighted 4× in the instance loss
+        "stage6": {
+            "n": 16,
+            "seed": 6100,
+            "val_n": 2,
+            "val_seed": 6140,
+            **_RARE_CLASSES,
+            "structures": {
+                **_RARE_CLASSES["structures"],
+                "transcription": {"dna": 8.0},
+            },
+            "freeze": "backbone",
+            "loss_weights": {"denoise": 0.0, "lamella": 0.0, "semantic": 0.0, "instance": 1.0},
+            "small_weight": 4.0,
+            "epochs": 16,
+            "seed_train": 6,
         },
         # calibration (semantic prior correction, instance post-processing) also sees
         # tomograms with the simulator's default imaging (10 Å, projection SNR 0.1, default
@@ -197,6 +217,14 @@ QUICK: dict[str, Any] = _overridden(
         "stage3": {"n": 2, "val_n": 1, "epochs": 1, "class_weights": "auto", "lr": 1e-3},
         "stage4": {"n": 2, "val_n": 1, "epochs": 1, "class_weights": "auto", "small_weight": 4.0},
         "stage5": {"n": 2, "val_n": 1, "epochs": 1, "class_weights": "auto", "lr": 1e-3},
+        "stage6": {
+            "n": 2,
+            "val_n": 1,
+            "epochs": 1,
+            "freeze": "backbone",
+            "loss_weights": {"denoise": 0.0, "lamella": 0.0, "semantic": 0.0, "instance": 1.0},
+            "small_weight": 4.0,
+        },
         "calibration_val": {
             "seeds": (7101,),
             "samples": ("general",),

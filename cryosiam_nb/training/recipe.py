@@ -124,9 +124,10 @@ RECIPE: dict[str, Any] = {
             "small_weight": 4.0,
             "epochs": 24,
             "lr": 5e-4,
+            "seed_train": 3,
         },
-        # stage 5 (optional, run only with --stages stage5): stage 3 continued on fresh
-        # seeds for 30 more epochs, with twice the default DNA in the transcription sample
+        # stage 5: stage 3 continued on fresh seeds for 30 more epochs, with twice the
+        # default DNA in the transcription sample
         "stage5": {
             "n": 16,
             "seed": 5800,
@@ -140,9 +141,8 @@ RECIPE: dict[str, Any] = {
             "epochs": 30,
             "seed_train": 4,
         },
-        # stage 6 (optional, run only with --stages stage6): the instance head alone after
-        # stage 5 (backbone frozen, other heads untouched), particles under 150 voxels
-        # weighted 4× in the instance loss
+        # stage 6: the instance head alone after stage 5 (backbone frozen, other heads
+        # untouched), particles under 150 voxels weighted 4× in the instance loss
         "stage6": {
             "n": 16,
             "seed": 6100,

@@ -52,6 +52,19 @@ _RARE_CLASSES: dict[str, Any] = {
     "lr": 1e-3,
 }
 
+#: stage 3's data and training with twice the default DNA in the transcription sample
+_MORE_DNA: dict[str, Any] = {
+    **_RARE_CLASSES,
+    "structures": {**_RARE_CLASSES["structures"], "transcription": {"dna": 8.0}},
+}
+#: train the instance head alone: backbone frozen, the other heads' loss weight 0 (their
+#: weights and BatchNorm statistics are kept), particles under 150 voxels weighted 4×
+_INSTANCE_HEAD_ONLY: dict[str, Any] = {
+    "freeze": "backbone",
+    "loss_weights": {"denoise": 0.0, "lamella": 0.0, "semantic": 0.0, "instance": 1.0},
+    "small_weight": 4.0,
+}
+
 RECIPE: dict[str, Any] = {
     "sim": {"n": 8, "shape": (48, 96, 96), "voxel_size": 10.0, "seed": 2024, "mode": "tilt"},
     "dense_ssl": {
@@ -133,11 +146,7 @@ RECIPE: dict[str, Any] = {
             "seed": 5800,
             "val_n": 2,
             "val_seed": 6040,
-            **_RARE_CLASSES,
-            "structures": {
-                **_RARE_CLASSES["structures"],
-                "transcription": {"dna": 8.0},
-            },
+            **_MORE_DNA,
             "epochs": 30,
             "seed_train": 4,
         },
@@ -148,16 +157,22 @@ RECIPE: dict[str, Any] = {
             "seed": 6100,
             "val_n": 2,
             "val_seed": 6140,
-            **_RARE_CLASSES,
-            "structures": {
-                **_RARE_CLASSES["structures"],
-                "transcription": {"dna": 8.0},
-            },
-            "freeze": "backbone",
-            "loss_weights": {"denoise": 0.0, "lamella": 0.0, "semantic": 0.0, "instance": 1.0},
-            "small_weight": 4.0,
+            **_MORE_DNA,
+            **_INSTANCE_HEAD_ONLY,
             "epochs": 16,
             "seed_train": 6,
+        },
+        # stage 7 (optional, run only with --stages stage7): stage 6 again on fresh seeds
+        "stage7": {
+            "n": 16,
+            "seed": 6200,
+            "val_n": 2,
+            "val_seed": 6240,
+            **_MORE_DNA,
+            **_INSTANCE_HEAD_ONLY,
+            "epochs": 24,
+            "lr": 5e-4,
+            "seed_train": 7,
         },
         # calibration (semantic prior correction, instance post-processing) also sees
         # tomograms with the simulator's default imaging (10 Å, projection SNR 0.1, default
@@ -217,14 +232,7 @@ QUICK: dict[str, Any] = _overridden(
         "stage3": {"n": 2, "val_n": 1, "epochs": 1, "class_weights": "auto", "lr": 1e-3},
         "stage4": {"n": 2, "val_n": 1, "epochs": 1, "class_weights": "auto", "small_weight": 4.0},
         "stage5": {"n": 2, "val_n": 1, "epochs": 1, "class_weights": "auto", "lr": 1e-3},
-        "stage6": {
-            "n": 2,
-            "val_n": 1,
-            "epochs": 1,
-            "freeze": "backbone",
-            "loss_weights": {"denoise": 0.0, "lamella": 0.0, "semantic": 0.0, "instance": 1.0},
-            "small_weight": 4.0,
-        },
+        "stage6": {"n": 2, "val_n": 1, "epochs": 1, **_INSTANCE_HEAD_ONLY},
         "calibration_val": {
             "seeds": (7101,),
             "samples": ("general",),

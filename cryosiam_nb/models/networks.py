@@ -487,26 +487,32 @@ class CryoSiamModel(nn.Module):
         return out1, self.backbone.ssl_forward(view2)
 
     # -- fine-tuning ----------------------------------------------------------------------
-    def freeze(self, part: str = "encoder") -> CryoSiamModel:
+    def freeze(self, part: str = "encoder", heads: Sequence[str] = ()) -> CryoSiamModel:
         """Freeze ``"encoder"`` (decoder, projector and heads train), ``"backbone"`` (only the
-        heads train) or ``"none"``. Frozen parts also keep BatchNorm statistics fixed
-        (they stay in eval mode through ``model.train()``)."""
+        heads train) or ``"none"``, plus the multi-task heads named in ``heads`` (e.g.
+        the tasks a training stage gives loss weight 0). Frozen parts also keep BatchNorm
+        statistics fixed (they stay in eval mode through ``model.train()``)."""
         if part not in ("none", "encoder", "backbone"):
             raise ValueError(f"part={part!r}: expected 'none', 'encoder' or 'backbone'")
+        unknown = [t for t in heads if not isinstance(getattr(self.heads, t, None), nn.Module)]
+        if unknown:
+            raise ValueError(f"heads={list(heads)}: the model has no head {unknown}")
         for p in self.parameters():
             p.requires_grad_(True)
+        self._frozen = part
+        self._frozen_heads = tuple(heads)
         for m in self._frozen_modules(part):
             for p in m.parameters():
                 p.requires_grad_(False)
-        self._frozen = part
         return self.train(self.training)
 
     def _frozen_modules(self, part: str) -> list[nn.Module]:
+        heads = [getattr(self.heads, t) for t in getattr(self, "_frozen_heads", ())]
         if part == "backbone":
-            return [self.backbone]
+            return [self.backbone, *heads]
         if part == "encoder":
-            return [self.backbone.encoder]
-        return []
+            return [self.backbone.encoder, *heads]
+        return heads
 
     def train(self, mode: bool = True) -> CryoSiamModel:
         super().train(mode)

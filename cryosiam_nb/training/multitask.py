@@ -295,7 +295,8 @@ def train_multitask(
         Optional multi-task model (or checkpoint) whose weights — backbone and heads —
         initialise the network (a second training stage).
     weights
-        Loss weight per head task (:data:`DEFAULT_WEIGHTS`).
+        Loss weight per head task (:data:`DEFAULT_WEIGHTS`); a head with weight 0 is frozen
+        (its weights and BatchNorm statistics stay as they were).
     foreground_fraction
         Share of patches centred on a voxel of a class drawn uniformly among the semantic
         classes present (class balance); the rest are uniform.
@@ -343,7 +344,10 @@ def train_multitask(
         model.load_state_dict(bb.state_dict(), strict=True)
     elif bb is not None:
         model.backbone.load_state_dict(bb.backbone.state_dict(), strict=True)
-    model.freeze(freeze)
+    # heads with loss weight 0 are frozen: they run in every forward pass, and train mode
+    # would otherwise move their BatchNorm statistics although nothing trains them
+    w_all = {**DEFAULT_WEIGHTS, **(weights or {})}
+    model.freeze(freeze, heads=[t for t in model.heads.tasks if not w_all.get(t)])
     smallest = np.min([t.image.shape for t in train_t], axis=0)
     psize = tuple(int(min(p, s)) for p, s in zip(model.patch_size, smallest))
     transform = finetune_geometric_transform(

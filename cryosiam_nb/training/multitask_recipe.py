@@ -131,12 +131,12 @@ STAGE_NOTES = {
     "stage4": "as stage 3, with the instance loss's foreground and distance terms weighted "
     "`small_weight`× on particles under 150 voxels (`models.targets.small_instance_weights`)",
     "stage5": "as stage 3 on fresh seeds, with twice the default DNA in the transcription sample",
+    "stage6": "the instance head alone (backbone frozen, the other heads' loss weight 0, so "
+    "they are frozen too) on stage 5's kind of data, with particles under 150 voxels "
+    "weighted `small_weight`× in the instance loss",
     "stage7": "stage 6 again on fresh seeds (24 epochs at lr 5e-4)",
     "stage8": "the semantic head alone (backbone frozen, the other heads kept) on stage 5's "
     "kind of data",
-    "stage6": "the instance head alone (backbone frozen, the other heads' loss weight 0 and "
-    "their weights kept) on stage 5's kind of data, with particles under 150 voxels "
-    "weighted `small_weight`× in the instance loss",
 }
 
 
@@ -366,7 +366,6 @@ def train_stage(
         time.perf_counter() - t_start
     )
     model.metadata["train_threads"] = torch.get_num_threads()
-    _keep_untrained_heads(model, first, st.get("loss_weights"))
     done = _stages_of(first.metadata)
     done[name] = model.metadata.get("training", {})
     model.metadata["stages"] = done
@@ -383,19 +382,6 @@ def _stage_seed(mc: dict[str, Any], name: str) -> int:
     if "seed_train" in mc.get(name, {}):
         return int(mc[name]["seed_train"])
     return int(mc.get("seed_train", 0)) + _ALL_STAGES.index(name) + 1
-
-
-def _keep_untrained_heads(model: Any, first: Any, loss_weights: dict | None) -> None:
-    """Give the heads whose loss weight was 0 back their weights *and* BatchNorm statistics
-    from before the stage: they ran in every forward pass (train mode updates running
-    statistics) but were not trained, so their outputs must not change."""
-    if not loss_weights:
-        return
-    before = first.state_dict()
-    idle = [t for t, w in loss_weights.items() if not w]
-    keep = {k: v for k, v in before.items() if any(k.startswith(f"heads.{t}.") for t in idle)}
-    if keep:
-        model.load_state_dict({**model.state_dict(), **keep}, strict=True)
 
 
 def continue_shipped_multitask(

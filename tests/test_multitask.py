@@ -330,6 +330,29 @@ def test_semantic_prior_is_calibrated_on_validation_tomograms():
         prior_shift([1.0, 0.0], 0.5)
 
 
+def test_class_bias_ascent_undoes_a_class_the_network_over_paints():
+    """A class whose logit is 2 too high swallows its neighbours; the per-class offsets
+    found on the labels must take that back and restore the Dice."""
+    from cryosiam_nb.training.calibration import class_bias_ascent
+
+    rng = np.random.default_rng(0)
+    labels = [rng.integers(0, 4, size=(8, 12, 12)) for _ in range(2)]
+    logps = []
+    for g in labels:
+        lp = np.log(np.full((4, *g.shape), 0.1, np.float32))
+        np.put_along_axis(lp, g[None], np.log(0.7), axis=0)
+        lp += rng.normal(0, 0.3, lp.shape).astype(np.float32)
+        lp[2] += 2.0  # class 2 over-painted
+        logps.append(lp)
+    bias, table = class_bias_ascent(logps, labels)
+    assert table.iloc[0]["round"] == 0 and table.iloc[0]["semantic_dice"] < 0.7
+    assert table["semantic_dice"].is_monotonic_increasing
+    assert bias[0] == 0.0 and -3.0 <= bias[2] <= -1.0  # the over-paint taken back
+    assert table.iloc[-1]["semantic_dice"] > 0.95
+    with pytest.raises(InputError, match="one label volume"):
+        class_bias_ascent(logps, labels[:1])
+
+
 def test_recipe_calibrate_only_replaces_the_prior_correction_instead_of_stacking(tmp_path):
     import shutil
 
@@ -346,12 +369,14 @@ def test_recipe_calibrate_only_replaces_the_prior_correction_instead_of_stacking
         biases.append(conv.bias.detach()[off : off + 6].clone())
         prior = m.metadata["semantic_prior"]
         assert len(prior["shift"]) == 6 and prior["shift"][0] == 0.0
+        assert len(prior["class_bias"]) == 6 and prior["class_bias"][0] == 0.0
         assert set(m.metadata["instance_defaults"]) >= {"threshold_foreground", "average_edt"}
         assert 0.5 <= m.metadata["lamella_defaults"]["threshold"] <= 0.9
     # the same calibration data choose the same α: the bias must not move the second time
     torch.testing.assert_close(biases[0], biases[1])
     card = (tmp_path / "tiny-multitask.md").read_text()
     assert "Semantic prior correction" in card and "--calibrate-only" in card
+    assert "per-class offsets" in card
 
 
 def test_lamella_threshold_is_calibrated_on_validation_tomograms():

@@ -159,6 +159,39 @@ def test_multicut_merges_inner_faces_and_respects_boundaries():
     assert out.max() == 2 and (out[two == 0] == 0).all()
 
 
+def test_neck_distance_splits_at_thin_necks_and_merges_thick_ones():
+    """With a silent boundary map, the multicut merges every watershed fragment; with
+    ``neck_distance`` a thin neck (touching particles) splits and a thick one (one particle
+    cut in two by its seeds) still merges."""
+    silent = None
+
+    def run(lab, **kw):
+        nonlocal silent
+        dist = np.clip(ndi.distance_transform_edt(lab > 0), 0, 5) / constants.DISTANCE_SCALE
+        fg = (lab > 0).astype(np.float32)
+        silent = np.zeros_like(fg)
+        return segmentation.instances(
+            _maps(fg, silent, dist), min_center_distance=0.5, progress=False, **kw
+        ).values
+
+    pair = np.zeros((20, 20, 34), np.uint32)  # two particles touching through a 2-voxel neck
+    _paste(pair, (10, 10, 10), ball(5).astype(bool), 1)
+    _paste(pair, (10, 10, 23), ball(5).astype(bool), 1)
+    pair[9:11, 9:11, 14:20] = 1
+    dumbbell = np.zeros((24, 24, 44), np.uint32)  # one particle, two maxima, thick neck
+    _paste(dumbbell, (12, 12, 11), ball(8).astype(bool), 1)
+    _paste(dumbbell, (12, 12, 32), ball(8).astype(bool), 1)
+    dumbbell[9:16, 9:16, 11:33] = 1
+    assert run(pair, multicut=False).max() == 2  # the watershed sees two fragments
+    assert run(pair).max() == 1  # no boundary evidence → merged
+    split = run(pair, neck_distance=3.0)
+    assert split.max() == 2 and ((split > 0) == (pair > 0)).all()
+    assert run(dumbbell, multicut=False).max() == 2
+    assert run(dumbbell, neck_distance=3.0).max() == 1  # cut through the middle: undone
+    with pytest.raises(InputError, match="neck_distance"):
+        run(pair, neck_distance=-1.0)
+
+
 def test_size_touching_and_roi_filters():
     lab = np.zeros((24, 24, 60), np.uint32)
     _paste(lab, (12, 12, 6), ball(2).astype(bool), 1)  # 33 voxels

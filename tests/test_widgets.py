@@ -73,8 +73,12 @@ def test_seed_distances_stay_ordered(maps):
 
 
 def test_instance_apply_runs_the_whole_tomogram_and_returns_the_params(maps):
-    tuner = widgets.tune_instances(maps, crop=(slice(8, 24), slice(16, 48), slice(16, 48)))
+    # a model's tuned defaults (which may include neck_distance) are accepted as start values
+    tuner = widgets.tune_instances(
+        maps, crop=(slice(8, 24), slice(16, 48), slice(16, 48)), neck_distance=1.5
+    )
     assert tuner._background.shape == (16, 32, 32)
+    assert tuner.sliders["neck_distance"].value == 1.5
     tuner.sliders["boundary_bias"].value = 0.7
     tuner.sliders["min_size"].value = 20
     tuner.sliders["multicut"].value = False
@@ -85,6 +89,7 @@ def test_instance_apply_runs_the_whole_tomogram_and_returns_the_params(maps):
         "min_center_distance": 1.0,
         "max_center_distance": 4.5,
         "boundary_bias": 0.7,
+        "neck_distance": 1.5,
         "min_size": 20,
         "multicut": False,
         "average_edt": True,

@@ -1,7 +1,7 @@
 """Move a slider instead of editing a number: ipywidgets tuners with a live slice preview.
 
 - :func:`tune_instances`: the post-processing of ``tl.instances`` (foreground threshold,
-  seed distances, boundary bias, minimum size, multicut) on a crop of the instance maps,
+  seed distances, boundary bias, neck distance, minimum size, multicut) on a crop of the instance maps,
   with the particle count and a slice of the labels updating as a slider moves.
 - :func:`tune_lamella`: the threshold and smoothing of ``tl.lamella_mask`` on a crop of the
   lamella probabilities, with xy / xz slices of the mask, its volume fraction and (given
@@ -162,7 +162,7 @@ class InstanceTuner(_Tuner):
         bg = tomogram if tomogram is not None else maps["foreground"]
         self._background = _cut(bg, self.crop, "tomogram").astype(np.float32)
         known = ("threshold_foreground", "min_center_distance", "max_center_distance")
-        known += ("boundary_bias", "min_size", "multicut", "average_edt")
+        known += ("boundary_bias", "neck_distance", "min_size", "multicut", "average_edt")
         unknown = sorted(set(initial) - set(known))
         if unknown:
             raise InputError(f"tune_instances: unknown parameter(s) {unknown}; known: {known}")
@@ -171,6 +171,7 @@ class InstanceTuner(_Tuner):
             "min_center_distance": 1.0,
             "max_center_distance": 4.5,
             "boundary_bias": 0.5,
+            "neck_distance": 0.0,
             "min_size": 10,
             "multicut": True,
             "average_edt": False,
@@ -194,6 +195,10 @@ class InstanceTuner(_Tuner):
             "boundary_bias": w.FloatSlider(
                 value=v["boundary_bias"], min=0.05, max=0.95, step=0.01,
                 description="boundary bias β", **common,
+            ),
+            "neck_distance": w.FloatSlider(
+                value=v["neck_distance"], min=0.0, max=5.0, step=0.25,
+                description="neck distance (vx, 0 off)", **common,
             ),
             "min_size": w.IntSlider(
                 value=v["min_size"], min=1, max=500, description="min size (voxels)", **common
@@ -403,7 +408,8 @@ def tune_instances(
         Progress bar of :meth:`InstanceTuner.apply`.
     **initial
         Start values: ``threshold_foreground``, ``min_center_distance``,
-        ``max_center_distance`` (voxels), ``boundary_bias``, ``min_size`` (voxels),
+        ``max_center_distance`` (voxels), ``boundary_bias``, ``neck_distance`` (voxels),
+        ``min_size`` (voxels),
         ``multicut``, ``average_edt`` (e.g. ``**model.metadata["instance_defaults"]``).
 
     Returns

@@ -8,7 +8,9 @@ correction (logit adjustment) subtracts ``α · log w_c`` from each class' logit
 keeps the weighted training's bias, α = 1 removes it fully; the best α is chosen on
 **validation** tomograms (:func:`calibrate_semantic_prior`) and folded into the bias of
 the layer that outputs the logits (:func:`shift_logits`), so inference is unchanged in
-cost and every user of the checkpoint gets it.
+cost and every user of the checkpoint gets it. A per-class offset on top of it
+(:func:`calibrate_class_bias`, coordinate ascent on the same validation tomograms) then
+corrects what one α cannot: a class the network over- or under-paints whatever its weight.
 """
 
 from __future__ import annotations
@@ -29,12 +31,17 @@ __all__ = [
     "prior_shift",
     "calibrate_semantic_prior",
     "calibrate_lamella_threshold",
+    "calibrate_class_bias",
+    "class_bias_ascent",
     "PRIOR_ALPHAS",
+    "CLASS_BIAS_STEPS",
     "LAMELLA_THRESHOLDS",
 ]
 
 #: the α values :func:`calibrate_semantic_prior` tries
 PRIOR_ALPHAS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+#: the moves (logit units) :func:`calibrate_class_bias` tries per class and round
+CLASS_BIAS_STEPS: tuple[float, ...] = (-1.5, -1.0, -0.5, -0.25, 0.25, 0.5, 1.0, 1.5)
 #: the ``tl.lamella_mask`` thresholds :func:`calibrate_lamella_threshold` tries
 LAMELLA_THRESHOLDS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -144,10 +151,7 @@ def calibrate_semantic_prior(
     cw = (model.metadata.get("training", {}).get("class_weights") or {}).get("semantic")
     if not cw:
         raise InputError("model: trained without semantic class weights; nothing to calibrate")
-    logp = [
-        np.log(np.maximum(o["probabilities"].values.astype(np.float32), 1e-6))
-        for o in _part_outputs(model, tomograms, "semantic", progress, predictions)
-    ]
+    logp = _semantic_log_probabilities(model, tomograms, progress, predictions)
     rows = []
     for a in alphas:
         b = prior_shift(cw, a)[:, None, None, None]
@@ -160,6 +164,83 @@ def calibrate_semantic_prior(
         ["semantic_dice", "alpha"], ascending=[False, True], kind="stable"
     )
     return float(table.iloc[0]["alpha"]), table.reset_index(drop=True)
+
+
+def _semantic_log_probabilities(
+    model: Any, tomograms: Sequence[Tomogram], progress: bool, predictions: Sequence[Any] | None
+) -> list[np.ndarray]:
+    """Per tomogram, the semantic log-probabilities ``(class, z, y, x)`` of ``model``."""
+    return [
+        np.log(np.maximum(o["probabilities"].values.astype(np.float32), 1e-6))
+        for o in _part_outputs(model, tomograms, "semantic", progress, predictions)
+    ]
+
+
+def class_bias_ascent(
+    log_probabilities: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    steps: Sequence[float] = CLASS_BIAS_STEPS,
+    rounds: int = 2,
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """Per-class logit offsets that maximise the mean Dice of the classes present.
+
+    Coordinate ascent: each round visits classes 1, 2, … in turn (class 0, background,
+    stays at 0: only differences between logits matter) and keeps the move from ``steps``
+    that raises the mean over tomograms most; a move must gain more than 1e-4. Returns the
+    offsets and the table of accepted moves (the first row is the start).
+    """
+    if not log_probabilities or len(log_probabilities) != len(labels):
+        raise InputError("class bias: need one label volume per prediction, at least one")
+
+    def score(b: np.ndarray) -> float:
+        return float(
+            np.mean(
+                [
+                    _dice_present(np.argmax(lp + b[:, None, None, None], axis=0), np.asarray(g))
+                    for lp, g in zip(log_probabilities, labels)
+                ]
+            )
+        )
+
+    bias = np.zeros(log_probabilities[0].shape[0], np.float32)
+    best = score(bias)
+    rows = [{"round": 0, "class": None, "bias": bias.tolist(), "semantic_dice": best}]
+    for rnd in range(1, rounds + 1):
+        for c in range(1, len(bias)):
+            trials = []
+            for step in steps:
+                b = bias.copy()
+                b[c] += step
+                trials.append((score(b), b))
+            s, b = max(trials, key=lambda t: t[0])
+            if s > best + 1e-4:
+                best, bias = s, b
+                rows.append({"round": rnd, "class": c, "bias": bias.tolist(), "semantic_dice": s})
+    return bias, pd.DataFrame(rows)
+
+
+def calibrate_class_bias(
+    model: Any,
+    tomograms: Sequence[Tomogram],
+    base_shift: Sequence[float] | None = None,
+    steps: Sequence[float] = CLASS_BIAS_STEPS,
+    rounds: int = 2,
+    progress: bool = True,
+    predictions: Sequence[Any] | None = None,
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """Choose a per-class offset of the semantic logits on **validation** tomograms.
+
+    Runs :func:`class_bias_ascent` on ``model``'s predictions with ``base_shift`` (e.g. the
+    α prior correction, :func:`prior_shift`) added to their logits; the offsets come on top
+    of it. ``predictions``: the computed ``tl.predict`` Datasets of ``tomograms``, if
+    already made. Does not change ``model``: apply the result with
+    ``shift_logits(model, base_shift + bias)``.
+    """
+    logp = _semantic_log_probabilities(model, tomograms, progress, predictions)
+    if base_shift is not None:
+        b = np.asarray(base_shift, np.float32)[:, None, None, None]
+        logp = [lp + b for lp in logp]
+    return class_bias_ascent(logp, [t.labels["semantic"] for t in tomograms], steps, rounds)
 
 
 def calibrate_lamella_threshold(

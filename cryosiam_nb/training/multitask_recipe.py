@@ -210,6 +210,15 @@ def _card(path: Path, model: Any, mc: dict[str, Any], command: str, metrics: dic
                     f"α {r['alpha']}: {r['semantic_dice']:.3f}"
                     for r in sorted(md["semantic_prior"]["table"], key=lambda r: r["alpha"])
                 )
+                + (
+                    "; then per-class offsets (`training.calibration.calibrate_class_bias`, "
+                    "coordinate ascent on the same tomograms) "
+                    f"{[round(b, 2) for b in md['semantic_prior']['class_bias']]} for "
+                    f"{list(model.part_classes.get('semantic', ()))}: mean Dice "
+                    f"{md['semantic_prior']['class_bias_dice']:.3f}"
+                    if "class_bias" in md["semantic_prior"]
+                    else ""
+                )
             ]
             if md.get("semantic_prior")
             else []
@@ -429,14 +438,17 @@ def finish_shipped_multitask(
     The validation tomograms (``val``: the stages' own) plus :func:`calibration_set` (the
     simulator's default imaging) are used to (1) choose the semantic prior correction α
     (:func:`~cryosiam_nb.training.calibration.calibrate_semantic_prior`, when the last
-    stage used CE class weights), folded into the semantic logits' bias and recorded in
-    ``metadata["semantic_prior"]`` (a previous correction is undone first), then (2) tune
-    the instance post-processing, stored in ``metadata["instance_defaults"]``.
+    stage used CE class weights) and per-class offsets on top of it
+    (:func:`~cryosiam_nb.training.calibration.calibrate_class_bias`), both folded into the
+    semantic logits' bias and recorded in ``metadata["semantic_prior"]`` (a previous
+    correction is undone first), (2) the lamella threshold, then (3) tune the instance
+    post-processing, stored in ``metadata["instance_defaults"]``.
     """
     from cryosiam_nb import models
     from cryosiam_nb.inference import predict
 
     from .calibration import (
+        calibrate_class_bias,
         calibrate_lamella_threshold,
         calibrate_semantic_prior,
         prior_shift,
@@ -462,12 +474,20 @@ def finish_shipped_multitask(
         )
         print("semantic prior correction on validation tomograms (best first):")
         print(prior_table.to_string(index=False))
-        shift = prior_shift(cw, alpha)
+        base = prior_shift(cw, alpha)
+        bias, bias_table = calibrate_class_bias(
+            model, val, base_shift=base, progress=progress, predictions=preds
+        )
+        print("per-class logit offsets on validation tomograms (accepted moves):")
+        print(bias_table.to_string(index=False))
+        shift = base + bias
         shift_logits(model, shift)
         model.metadata["semantic_prior"] = {
             "alpha": alpha,
+            "class_bias": [float(x) for x in bias],
             "shift": [float(x) for x in shift],
             "table": prior_table.to_dict(orient="records"),
+            "class_bias_dice": float(bias_table.iloc[-1]["semantic_dice"]),
         }
     lam_thr, lam_table = calibrate_lamella_threshold(
         model, val, progress=progress, predictions=preds
@@ -482,8 +502,8 @@ def finish_shipped_multitask(
     metrics = dict(model.metadata.get("metrics", {}))
     metrics.update({f"tuned_{k}": float(table.iloc[0][k]) for k in ("ap50", "f1_small")})
     metrics["calibrated_lamella_dice"] = float(lam_table.iloc[0]["lamella_dice"])
-    if model.metadata.get("semantic_prior"):  # on all calibration tomograms, best α
-        metrics["calibrated_semantic_dice"] = float(prior_table.iloc[0]["semantic_dice"])
+    if model.metadata.get("semantic_prior"):  # on all calibration tomograms, best α + offsets
+        metrics["calibrated_semantic_dice"] = model.metadata["semantic_prior"]["class_bias_dice"]
     model.metadata["metrics"] = metrics
     _save_with_metadata(model, path)
     _card(path.with_suffix(".md"), model, mc, command, metrics)

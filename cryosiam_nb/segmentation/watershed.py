@@ -13,7 +13,8 @@ Everything here uses (z, y, x) axis order and voxel units. The algorithm follows
 4. Seeded watershed (``skimage.segmentation.watershed``) on −distance inside the foreground.
 5. Multicut refinement (python-elf, Kernighan–Lin) on the watershed's region adjacency graph,
    edge costs from the mean boundary probability with boundary bias β. Background (label 0)
-   is an *ignore* label: it takes part in no edge and stays 0.
+   is an *ignore* label: it takes part in no edge and stays 0. Optionally (``neck_distance``,
+   not in SPEC) thin necks of the distance map count as boundary evidence too.
 6. Size filters and an optional "touches semantic class k" filter.
 
 Large volumes are processed block-wise with a halo; the blocks are stitched into globally
@@ -137,9 +138,7 @@ def _segment_block(
     ws = watershed(-dist, markers=seeds, mask=fg_mask).astype(np.uint32)
     if p["multicut"]:
         evidence = np.asarray(boundary, dtype=np.float32)
-        if (
-            p.get("neck_distance", 0.0) > 0
-        ):  # a thin neck between fragments is evidence of a boundary
+        if p.get("neck_distance", 0.0) > 0:  # a thin neck between fragments: a boundary
             neck = 1.0 - np.clip(dist / np.float32(p["neck_distance"]), 0.0, 1.0)
             evidence = np.maximum(evidence, np.where(fg_mask, neck, 0.0).astype(np.float32))
         ws = _multicut(ws, evidence, p["boundary_bias"])

@@ -39,7 +39,10 @@ STRUCTURES = {"general": {"vesicles": 6.0, "sheets": 2.0, "microtubules": 6.0, "
 #: Stage 5 (stage 3 continued) then stage 6 (the instance head alone, small particles
 #: weighted) raised every metric on validation tomograms 7201–7205 (never used for training
 #: or calibration): semantic Dice 0.617 → 0.635, AP-50 0.291 → 0.312, small-particle F1
-#: 0.521 → 0.614 (stage 5 alone lowered the small-particle F1 to 0.396)
+#: 0.521 → 0.614 (stage 5 alone lowered the small-particle F1 to 0.396; stage 6 with
+#: small particles weighted 4×, α-only calibration). A further whole-network stage after
+#: stage 6 (stage 5's settings on seeds 6400, then stage 6 on seeds 6500) lowered them
+#: (semantic 0.606, membrane 0.507, PSNR 13.95 dB; not kept in the recipe)
 STAGES = ("stage2", "stage3", "stage5", "stage6")
 #: stages that run only when named (``--stages``): measured, not part of the shipped chain.
 #: ``stage4`` (the whole network with small particles up-weighted, 24 epochs at lr 5e-4

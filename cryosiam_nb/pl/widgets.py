@@ -1,8 +1,9 @@
 """Move a slider instead of editing a number: ipywidgets tuners with a live slice preview.
 
 - :func:`tune_instances`: the post-processing of ``tl.instances`` (foreground threshold,
-  seed distances, boundary bias, neck distance, minimum size, multicut) on a crop of the instance maps,
-  with the particle count and a slice of the labels updating as a slider moves.
+  seed distances, boundary bias, neck distance, minimum size, multicut) on a crop of the
+  instance maps, with the particle count and a slice of the labels updating as a slider
+  moves.
 - :func:`tune_lamella`: the threshold and smoothing of ``tl.lamella_mask`` on a crop of the
   lamella probabilities, with xy / xz slices of the mask, its volume fraction and (given
   instance labels) the number of particles inside it.
@@ -409,8 +410,8 @@ def tune_instances(
     **initial
         Start values: ``threshold_foreground``, ``min_center_distance``,
         ``max_center_distance`` (voxels), ``boundary_bias``, ``neck_distance`` (voxels),
-        ``min_size`` (voxels),
-        ``multicut``, ``average_edt`` (e.g. ``**model.metadata["instance_defaults"]``).
+        ``min_size`` (voxels), ``multicut``, ``average_edt`` (e.g.
+        ``**model.metadata["instance_defaults"]``).
 
     Returns
     -------

@@ -212,6 +212,13 @@ def test_varied_training_set_and_a_short_joint_training(tmp_path):
     assert "val_semantic_dice_mean" in hist.columns and "val_lamella_dice" in hist.columns
     loaded = models.load(tmp_path / "mt.pt")
     assert loaded.task == "multitask" and loaded.metadata["training"]["kind"] == "multitask"
+    # a second stage continues a model of another size (wider heads): its sizes are kept
+    wide = models.build("multitask", "tiny", head_filters=[16, 32], voxel_size=10.0)
+    cont, _ = train_multitask(
+        tomos[:2], init=wide, epochs=1, samples_per_epoch=2, batch_size=2, patch_size=16,
+        progress=False,
+    )  # fmt: skip
+    assert cont.config["heads"]["filters"] == [16, 32]
 
 
 def test_instance_defaults_are_tuned_on_validation_tomograms_over_the_grid():

@@ -133,6 +133,23 @@ def test_lamella_tuner(simulation):
     np.testing.assert_array_equal(tuner.result.values, expected)
 
 
+def test_every_tuning_parameter_of_tl_instances_has_a_slider(maps):
+    """A new ``tl.instances`` option must get a slider (or be declared not a tuning knob),
+    and the tuner must accept every key the recipe stores in ``instance_defaults``."""
+    import inspect
+
+    from cryosiam_nb import tl
+    from cryosiam_nb.training.multitask import INSTANCE_GRID
+
+    not_knobs = {"maps", "roi", "touching", "out", "progress", "block_shape", "halo"}
+    not_knobs |= {"max_size", "distance_scale", "sigma"}  # rarely changed; code only
+    params = set(inspect.signature(tl.instances).parameters)
+    assert params - not_knobs == set(widgets.INSTANCE_SLIDERS)
+    tuner = widgets.tune_instances(maps, **{k: v[-1] for k, v in INSTANCE_GRID.items()})
+    assert set(tuner.sliders) >= set(widgets.INSTANCE_SLIDERS)
+    assert all(tuner.params[k] == v[-1] for k, v in INSTANCE_GRID.items())
+
+
 def test_bad_input_is_refused(maps):
     with pytest.raises(InputError, match="unknown parameter"):
         widgets.tune_instances(maps, threshold=0.3)

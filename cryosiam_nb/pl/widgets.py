@@ -21,6 +21,7 @@ ipywidgets is installed (the ``[jupyter]`` extra).
 from __future__ import annotations
 
 import base64
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,7 +35,21 @@ from cryosiam_nb.io import InputError, as_volume
 from cryosiam_nb.pl.static import Figure
 from cryosiam_nb.segmentation import instances as _instances
 
-__all__ = ["InstanceTuner", "LamellaTuner", "tune_instances", "tune_lamella"]
+__all__ = ["InstanceTuner", "LamellaTuner", "tune_instances", "tune_lamella", "INSTANCE_SLIDERS"]
+
+#: the ``tl.instances`` parameters :class:`InstanceTuner` has a slider / checkbox for (its
+#: start values are ``tl.instances``' defaults); the other parameters are not tuning knobs
+#: (``tests/test_widgets.py`` fails when ``tl.instances`` gains one not listed either way)
+INSTANCE_SLIDERS: tuple[str, ...] = (
+    "threshold_foreground",
+    "min_center_distance",
+    "max_center_distance",
+    "boundary_bias",
+    "neck_distance",
+    "min_size",
+    "multicut",
+    "average_edt",
+)
 
 Crop = Mapping[str, slice] | Sequence[slice] | int | None
 
@@ -162,22 +177,14 @@ class InstanceTuner(_Tuner):
         self._roi = None if roi is None else _cut(roi, self.crop, "roi").astype(bool)
         bg = tomogram if tomogram is not None else maps["foreground"]
         self._background = _cut(bg, self.crop, "tomogram").astype(np.float32)
-        known = ("threshold_foreground", "min_center_distance", "max_center_distance")
-        known += ("boundary_bias", "neck_distance", "min_size", "multicut", "average_edt")
-        unknown = sorted(set(initial) - set(known))
+        unknown = sorted(set(initial) - set(INSTANCE_SLIDERS))
         if unknown:
-            raise InputError(f"tune_instances: unknown parameter(s) {unknown}; known: {known}")
-        v = {
-            "threshold_foreground": 0.5,
-            "min_center_distance": 1.0,
-            "max_center_distance": 4.5,
-            "boundary_bias": 0.5,
-            "neck_distance": 0.0,
-            "min_size": 10,
-            "multicut": True,
-            "average_edt": False,
-            **initial,
-        }
+            raise InputError(
+                f"tune_instances: unknown parameter(s) {unknown}; known: {INSTANCE_SLIDERS}"
+            )
+        # start values: tl.instances' own defaults, then ``initial``
+        sig = inspect.signature(_instances).parameters
+        v = {**{k: sig[k].default for k in INSTANCE_SLIDERS}, **initial}
         w = self._w
         common = {"continuous_update": False, "style": {"description_width": "150px"}}
         self.sliders = {

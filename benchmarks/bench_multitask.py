@@ -103,6 +103,9 @@ def dense(data, model_set: dict, **predict_kwargs) -> tuple[dict, float]:
     lamella = tl.lamella_mask(lam_in, progress=False, **lam_kw).compute()
     tuned = dict(mt.metadata.get("instance_defaults", {})) if mt is not None else {}
     labels = tl.instances(inst, progress=False, **tuned)
+    sem_kw = dict(mt.metadata.get("semantic_defaults", {})) if mt is not None else {}
+    if sem_kw:  # the multi-task model's tuned minimum component sizes
+        sem = tl.postprocess_semantic(sem, progress=False, **sem_kw)
     return {
         "denoised": den.values,
         "lamella": lamella.values,

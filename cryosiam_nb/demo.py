@@ -103,6 +103,10 @@ def run_demo(
 
     sem = tl.outputs_of(pred, "semantic")
     sem["labels"] = sem["labels"].where(lamella > 0, 0).astype(np.uint8)
+    # per-class minimum component sizes chosen on validation tomograms (model card)
+    sem_kw = dict(model.metadata.get("semantic_defaults", {}))
+    if sem_kw:
+        sem["labels"] = tl.postprocess_semantic(sem["labels"], progress=False, **sem_kw)
     io.write(sem["labels"], out / "semantic.zarr", overwrite=True)
     t0 = _step("semantic segmentation", t0, timings)
 

@@ -210,7 +210,8 @@ NB["03_semantic_segmentation_and_lamella"] = [
         'model = models.load("tiny-multitask")   # one backbone; denoise, lamella, semantic, instance heads\n'
         "pred = tl.predict(noisy, model).compute()  # one pass gives every head's outputs\n"
         "print(sorted(pred.data_vars))\n"
-        "lamella = tl.lamella_mask(pred).compute()  # reads the lamella head's probabilities\n"
+        "# the lamella head's probabilities, with the threshold calibrated on validation tomograms\n"
+        'lamella = tl.lamella_mask(pred, **model.metadata["lamella_defaults"]).compute()\n'
         'print("lamella Dice:", metrics.dice(lamella.values, truth["lamella"].values)["mean"])'
     ),
     new_markdown_cell(
@@ -224,7 +225,8 @@ NB["03_semantic_segmentation_and_lamella"] = [
     ),
     new_code_cell(
         "from cryosiam_nb.pl.widgets import tune_lamella\n\n"
-        'lamella_tuner = tune_lamella(pred, tomogram=noisy, instances=truth["instances"])\n'
+        'lamella_tuner = tune_lamella(pred, tomogram=noisy, instances=truth["instances"],\n'
+        '                             **model.metadata["lamella_defaults"])\n'
         "lamella_tuner"
     ),
     new_code_cell(
@@ -239,12 +241,16 @@ NB["03_semantic_segmentation_and_lamella"] = [
         "## Semantic classes\n"
         '`tl.outputs_of(pred, "semantic")` is the semantic head under the names a '
         "single-task model gives (`probabilities`, `labels`, `distance`). Labels outside "
-        "the lamella are set to background, and `postprocess_semantic` drops specks."
+        "the lamella are set to background, and `postprocess_semantic` drops specks: "
+        "the model card's per-class minimum component sizes (`model.metadata"
+        "['semantic_defaults']`, chosen on validation tomograms) remove the small bits of "
+        "actin the network paints onto particles."
     ),
     new_code_cell(
         'seg = tl.outputs_of(pred, "semantic")\n'
         'inside = seg["labels"].where(lamella > 0, 0).astype(np.uint8)  # nothing outside the sample\n'
-        "labels = tl.postprocess_semantic(inside, min_size=20).compute()\n"
+        'print(model.metadata["semantic_defaults"])  # voxels per class, 0 = keep all\n'
+        'labels = tl.postprocess_semantic(inside, **model.metadata["semantic_defaults"]).compute()\n'
         "names = {i: n for i, n in enumerate(sim.SEMANTIC_CLASSES) if i}\n"
         'dice = metrics.dice(labels.values, truth["semantic"].values, classes=names)\n'
         'pd.Series(dice, name="Dice").round(3)'
@@ -280,7 +286,7 @@ NB["04_instances_and_particles"] = [
         'noisy, truth = simulation.volumes["noisy"], simulation.volumes\n'
         'model = models.load("tiny-multitask")\n'
         "pred = tl.predict(noisy, model).compute()  # one pass: every head's outputs\n"
-        "lamella = tl.lamella_mask(pred).compute()\n"
+        'lamella = tl.lamella_mask(pred, **model.metadata["lamella_defaults"]).compute()\n'
         "# post-processing settings chosen on the recipe's validation tomograms (model card)\n"
         'tuned = model.metadata["instance_defaults"]\n'
         "print(tuned)\n"

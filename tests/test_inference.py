@@ -405,6 +405,11 @@ def test_postprocess_semantic_drops_small_components_across_chunks():
     assert (res2[33:36, 30:33, 30:33] == 1).all()
     assert (res2[10:13, 20:22, 15:23] == 0).all()  # 48 < 50
     assert (res2[14:18, 14:18, 14:18] == 2).all()
+    # one value per class index (the tuned metadata's form): the same result
+    res_list = postprocess_semantic(ds, min_size=[0, 0, 50], progress=False).values
+    np.testing.assert_array_equal(res_list, res2)
+    with pytest.raises(InputError, match="min_size"):
+        postprocess_semantic(ds, min_size=[0, -1, 50], progress=False)
 
     # same as a monolithic scipy computation on random labels
     rnd = (np.random.default_rng(1).random((30, 30, 30)) * 3).astype(np.uint8)

@@ -111,6 +111,14 @@ def test_models_sharing_a_backbone_run_in_one_pass_and_others_are_refused():
     other = _model(3, "denoise")
     with pytest.raises(ValueError, match="different backbone weights"):
         predict(vol, [sem, other])
+    # parts with different head widths: the combined config rebuilds the same network
+    torch.manual_seed(4)
+    wide = models.build("semantic", "tiny", patch_size=16, head_filters=[16, 16]).eval()
+    wide.backbone.load_state_dict(inst.backbone.state_dict())
+    combined = models.combine([inst, wide])
+    assert combined.config["heads"]["task_filters"] == {"semantic": [16, 16]}
+    rebuilt = models.build_from_config(combined.config)
+    rebuilt.load_state_dict(combined.state_dict())  # raises on any shape mismatch
 
 
 def _batch(shape=(2, 1, 16, 16, 16), seed=0):
@@ -213,12 +221,22 @@ def test_varied_training_set_and_a_short_joint_training(tmp_path):
     loaded = models.load(tmp_path / "mt.pt")
     assert loaded.task == "multitask" and loaded.metadata["training"]["kind"] == "multitask"
     # a second stage continues a model of another size (wider heads): its sizes are kept
-    wide = models.build("multitask", "tiny", head_filters=[16, 32], voxel_size=10.0)
+    # (and a semantic head wider than the others, which survives saving and loading)
+    wide = models.build(
+        "multitask", "tiny", head_filters=[16, 32], head_task_filters={"semantic": [24, 24]},
+        voxel_size=10.0,
+    )  # fmt: skip
+    assert wide.heads.semantic.trunk[0].out_channels == 24
+    assert wide.heads.instance.trunk[0].out_channels == 16
     cont, _ = train_multitask(
         tomos[:2], init=wide, epochs=1, samples_per_epoch=2, batch_size=2, patch_size=16,
-        progress=False,
+        progress=False, out=tmp_path / "wide.pt",
     )  # fmt: skip
     assert cont.config["heads"]["filters"] == [16, 32]
+    assert cont.config["heads"]["task_filters"] == {"semantic": [24, 24]}
+    assert models.load(tmp_path / "wide.pt").heads.semantic.trunk[3].out_channels == 24
+    with pytest.raises(ValueError, match="task_filters"):
+        models.build("multitask", "tiny", head_task_filters={"nucleus": [8, 8]})
 
 
 def test_instance_defaults_are_tuned_on_validation_tomograms_over_the_grid():
@@ -360,18 +378,63 @@ def test_class_bias_ascent_undoes_a_class_the_network_over_paints():
         class_bias_ascent(logps, labels[:1])
 
 
+def test_class_bias_ascent_drops_specks_of_a_rare_class_and_matches_postprocess_semantic():
+    """A rare class painted as scattered specks besides its one true filament: no offset
+    can separate them, a minimum component size can; the in-memory filter the ascent
+    scores with must be the one ``tl.postprocess_semantic`` applies out of core."""
+    import dask.array as da
+    import xarray as xr
+
+    from cryosiam_nb import tl
+    from cryosiam_nb.training.calibration import _drop_small, class_bias_ascent
+
+    rng = np.random.default_rng(3)
+    labels, logps = [], []
+    for _ in range(2):
+        g = np.zeros((24, 32, 32), np.int64)
+        g[8:16, 4:12, 4:12] = 1  # a particle
+        g[10:13, 20:23, 2:30] = 2  # a filament of the rare class (252 voxels)
+        pred = g.copy()
+        for z, y, x in rng.integers(0, 24, size=(40, 3)):  # 40 one-voxel specks of class 2
+            pred[z, y + 4, x + 4] = 2
+        lp = np.log(np.full((3, *g.shape), 0.05, np.float32))
+        np.put_along_axis(lp, pred[None], np.log(0.9), axis=0)
+        labels.append(g)
+        logps.append(lp)
+    bias, table = class_bias_ascent(logps, labels, min_sizes=(0, 5, 50, 1000))
+    assert table.iloc[0]["min_size"] == [0, 0, 0]
+    sizes = table.iloc[-1]["min_size"]
+    assert sizes[2] in (5, 50)  # the specks go, the filament (252 voxels) stays
+    assert table.iloc[-1]["semantic_dice"] > 0.99 > table.iloc[0]["semantic_dice"]
+    # without min_sizes the table still carries the (all-off) sizes
+    _, plain = class_bias_ascent(logps, labels)
+    assert plain.iloc[-1]["min_size"] == [0, 0, 0]
+
+    rnd = (rng.random((20, 20, 20)) * 4).astype(np.uint8)
+    arr = xr.DataArray(da.from_array(rnd, chunks=7), dims=("z", "y", "x"))
+    np.testing.assert_array_equal(
+        _drop_small(rnd, [0, 3, 0, 6]),
+        tl.postprocess_semantic(arr, min_size=[0, 3, 0, 6], progress=False).values,
+    )
+
+
 def test_recipe_calibrate_only_replaces_the_prior_correction_instead_of_stacking(tmp_path):
     import shutil
 
     from cryosiam_nb.training import recipe
-    from cryosiam_nb.training.calibration import _logit_layer
+    from cryosiam_nb.training.calibration import SEMANTIC_MIN_SIZES, _logit_layer
 
     shutil.copy(models.WEIGHTS_DIR / "tiny-multitask.pt", tmp_path / "tiny-multitask.pt")
     argv = ["--quick", "--only", "multitask", "--out", str(tmp_path), "--no-progress"]
-    biases = []
+    biases, runs = [], []
+    hand = "## Selection and held-out quality\n\n- chosen on validation seeds 7201–7205 (by hand)\n"
     for _ in range(2):
         assert recipe.main([*argv, "--calibrate-only"]) == 0
+        card_path = tmp_path / "tiny-multitask.md"
+        if not runs:  # a hand-written section added after the first run must survive the second
+            card_path.write_text(card_path.read_text().replace("## Limits", hand + "\n## Limits"))
         m = models.load(tmp_path / "tiny-multitask.pt")
+        runs.append(m.metadata["commands"])
         conv, off = _logit_layer(m, "semantic")
         biases.append(conv.bias.detach()[off : off + 6].clone())
         prior = m.metadata["semantic_prior"]
@@ -379,11 +442,18 @@ def test_recipe_calibrate_only_replaces_the_prior_correction_instead_of_stacking
         assert len(prior["class_bias"]) == 6 and prior["class_bias"][0] == 0.0
         assert set(m.metadata["instance_defaults"]) >= {"threshold_foreground", "average_edt"}
         assert 0.5 <= m.metadata["lamella_defaults"]["threshold"] <= 0.9
+        sizes = m.metadata["semantic_defaults"]["min_size"]
+        assert len(sizes) == 6 and set(sizes) <= set(SEMANTIC_MIN_SIZES)
     # the same calibration data choose the same α: the bias must not move the second time
     torch.testing.assert_close(biases[0], biases[1])
     card = (tmp_path / "tiny-multitask.md").read_text()
     assert "Semantic prior correction" in card and "--calibrate-only" in card
     assert "per-class offsets" in card
+    assert "Semantic post-processing" in card and "semantic_defaults" in card
+    assert card.count("- chosen on validation seeds 7201–7205 (by hand)") == 1
+    # each run is appended to the command history the card lists
+    assert runs[1][:-1] == runs[0] and "--calibrate-only" in runs[1][-1]
+    assert "Runs that made these weights" in card and runs[1][-1] in card
 
 
 def test_lamella_threshold_is_calibrated_on_validation_tomograms():

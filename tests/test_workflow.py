@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import ndimage
 
 from cryosiam_nb import io, models, sim, tl, workflow
 from cryosiam_nb.io import InputError
@@ -88,6 +89,14 @@ def test_one_by_one_finds_particles_in_every_tomogram(one_by_one):
         assert set(settings["models"].values()) == {"tiny-multitask", "tiny-subtomo"}
         tuned = models.load("tiny-multitask").metadata["instance_defaults"]
         assert settings["instance_defaults"] == tuned
+        # the model's tuned minimum component sizes are recorded and applied
+        sem_defaults = models.load("tiny-multitask").metadata["semantic_defaults"]
+        assert settings["semantic_defaults"] == sem_defaults
+        sem = io.read(out / f"tomo{i}" / "semantic.zarr", dtype=None).values
+        for c, size in enumerate(sem_defaults["min_size"]):
+            comp, n = ndimage.label(sem == c)
+            if c and n and size > 1:
+                assert np.bincount(comp.ravel())[1:].min() >= size, (c, size)
 
 
 @pytest.mark.slow
@@ -162,7 +171,7 @@ def test_other_settings_on_a_finished_folder_are_refused(dataset, one_by_one):
         workflow.process_tomogram(path, out, lamella_params={"threshold": 0.7}, rotations=1)
     with pytest.raises(InputError, match="instance_params"):
         workflow.run_dataset(dataset, out, instance_params={"min_size": 50}, **OPTIONS)
-    with pytest.raises(InputError, match="instance_defaults, models differ"):
+    with pytest.raises(InputError, match="instance_defaults, models, semantic_defaults differ"):
         workflow.process_tomogram(path, out, models=PER_TASK, **OPTIONS)
     again = workflow.process_tomogram(path, out, **OPTIONS)
     assert again["status"] == "skipped"

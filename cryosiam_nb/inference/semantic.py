@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import dask.array as da
 import numpy as np
@@ -19,7 +19,7 @@ __all__ = ["postprocess_semantic"]
 def postprocess_semantic(
     ds_or_labels: xr.Dataset | xr.DataArray,
     *,
-    min_size: int | Mapping[int | str, int] = 100,
+    min_size: int | Mapping[int | str, int] | Sequence[int] = 100,
     progress: bool = True,
 ) -> xr.DataArray:
     """Remove connected components smaller than ``min_size`` voxels, per class, chunked.
@@ -36,8 +36,10 @@ def postprocess_semantic(
         A :func:`~cryosiam_nb.inference.predict` Dataset (its ``labels`` and ``class``
         coordinate are used) or an integer label DataArray (z, y, x).
     min_size
-        Minimum component size in voxels: one int for every non-background class, or a
-        dict ``{class index or name: voxels}`` (classes not named are left alone).
+        Minimum component size in voxels: one int for every non-background class, a
+        dict ``{class index or name: voxels}`` (classes not named are left alone), or one
+        value per class index (``[0, 0, 0, 0, 250, 0]``: the form the multi-task model's
+        tuned ``metadata["semantic_defaults"]["min_size"]`` takes; index 0 is ignored).
     progress
         Show a progress bar over the labelling pass.
 
@@ -76,11 +78,15 @@ def postprocess_semantic(
                     )
                 key = names.index(key)
             sizes[int(key)] = int(v)
+    elif isinstance(min_size, Sequence) and not isinstance(min_size, str):
+        sizes = {c: int(v) for c, v in enumerate(min_size) if c > 0}
     else:
         if int(min_size) < 0:
             raise InputError(f"min_size: must be ≥ 0 voxels, got {min_size}")
         n_cls = len(names) if names else int(arr.max().compute()) + 1
         sizes = {c: int(min_size) for c in range(1, n_cls)}
+    if any(v < 0 for v in sizes.values()):
+        raise InputError(f"min_size: must be ≥ 0 voxels, got {min_size}")
     classes = tuple(sorted(c for c, v in sizes.items() if v > 1))
     attrs = dict(labels.attrs)
     if not classes:

@@ -18,7 +18,7 @@ All tensors are ordered ``(N, C, Z, Y, X)``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -366,7 +366,8 @@ class MultiTaskHeads(nn.Module):
     :class:`TaskHeads` per task, registered under the task's name (state-dict keys
     ``heads.<task>.trunk.*`` / ``heads.<task>.<head>.*``). ``forward(z)`` returns ``{"<task>/<output>": map}``, e.g.
     ``"semantic/logits"``, ``"instance/foreground"``; ``n_classes`` maps ``"semantic"`` and
-    ``"lamella"`` to their class counts.
+    ``"lamella"`` to their class counts. ``task_filters`` gives some tasks other hidden
+    widths than ``filters`` (e.g. ``{"semantic": (32, 32)}``: a wider semantic head).
     """
 
     def __init__(
@@ -377,12 +378,18 @@ class MultiTaskHeads(nn.Module):
         kernel_size: int = 3,
         tasks: Sequence[str] = HEAD_TASKS,
         fused: bool = True,
+        task_filters: Mapping[str, Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
         self.tasks = tuple(tasks)
+        task_filters = dict(task_filters or {})
+        unknown = sorted(set(task_filters) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"task_filters: {unknown} are not among the tasks {self.tasks}")
         cls = FusedTaskHeads if fused else TaskHeads
         for t in self.tasks:
-            self.add_module(t, cls(t, in_channels, filters, n_classes.get(t), kernel_size))
+            f = tuple(task_filters.get(t, filters))
+            self.add_module(t, cls(t, in_channels, f, n_classes.get(t), kernel_size))
 
     @classmethod
     def from_parts(cls, parts: dict[str, nn.Module]) -> MultiTaskHeads:

@@ -137,6 +137,8 @@ def _override_names(task: str) -> dict[str, str]:
         names["global_hidden"] = section
     if task in HEAD_LAYOUTS or task == "multitask":
         names.update(head_filters="heads", head_kernel_size="heads")
+    if task == "multitask":
+        names.update(head_task_filters="heads")
     if task in ("semantic", "lamella", "multitask"):
         names.update(n_classes="top", class_names="top")
     names.update(patch_size="top", voxel_size="top")
@@ -151,7 +153,9 @@ def build(task: str, preset: str = "tiny", **overrides: Any) -> CryoSiamModel:
     ``n_classes`` / ``class_names`` are the semantic head's) or "subtomo_ssl".
     ``preset``: "tiny" or "paper" (see module docstring). ``overrides`` change single sizes,
     e.g. ``filters=(16, 32, 64, 128)``, ``dense_dim=16``, ``levels=(2, 4)``,
-    ``head_filters=(16, 32)``, ``n_classes=3`` / ``class_names=(...)`` (semantic, lamella),
+    ``head_filters=(16, 32)``, ``head_task_filters={"semantic": (32, 32)}`` (multitask:
+    some tasks' heads wider or narrower than ``head_filters``), ``n_classes=3`` /
+    ``class_names=(...)`` (semantic, lamella),
     ``patch_size=(64, 64, 64)`` (voxels, z y x), ``voxel_size=10.0`` (Å).
     """
     if task not in TASKS:
@@ -177,6 +181,8 @@ def build(task: str, preset: str = "tiny", **overrides: Any) -> CryoSiamModel:
         where = valid[key]
         if key in ("head_filters", "head_kernel_size"):
             heads[key.removeprefix("head_")] = _plain(val)
+        elif key == "head_task_filters":
+            heads["task_filters"] = {str(t): [int(f) for f in v] for t, v in val.items()}
         elif key == "n_classes":
             n_classes = int(val)
         elif key == "class_names":
@@ -234,6 +240,7 @@ def build_from_config(
             kernel_size=int(h.get("kernel_size", 3)),
             tasks=tuple(h.get("tasks", HEAD_TASKS)),
             fused=bool(h.get("fused", False)),
+            task_filters=h.get("task_filters"),
         )
     elif task in HEAD_LAYOUTS:
         h = config["heads"]
@@ -312,6 +319,11 @@ def combine(models: Sequence[CryoSiamModel]) -> CryoSiamModel:
     config["task"] = "multitask"
     config["heads"] = {**first.config["heads"], "tasks": list(parts)}
     config["heads"].pop("out_channels", None)
+    # parts with other head widths than the first: recorded, so the config rebuilds them
+    widths = {t: list(m.config["heads"]["filters"]) for t, m in parts.items()}
+    other = {t: f for t, f in widths.items() if f != list(first.config["heads"]["filters"])}
+    if other:
+        config["heads"]["task_filters"] = other
     config["part_classes"] = {
         t: list(m.class_names or ()) for t, m in parts.items() if t in ("semantic", "lamella")
     }

@@ -11,6 +11,10 @@ the layer that outputs the logits (:func:`shift_logits`), so inference is unchan
 cost and every user of the checkpoint gets it. A per-class offset on top of it
 (:func:`calibrate_class_bias`, coordinate ascent on the same validation tomograms) then
 corrects what one α cannot: a class the network over- or under-paints whatever its weight.
+The same ascent can also choose, per class, the smallest connected component kept by
+:func:`~cryosiam_nb.inference.postprocess_semantic` (``min_sizes``): a rare class (actin)
+is mostly painted as specks on other structures, so dropping its small components raises
+its Dice more than any offset; that setting is stored, not folded into the weights.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ __all__ = [
     "class_bias_ascent",
     "PRIOR_ALPHAS",
     "CLASS_BIAS_STEPS",
+    "SEMANTIC_MIN_SIZES",
     "LAMELLA_THRESHOLDS",
 ]
 
@@ -42,6 +47,8 @@ __all__ = [
 PRIOR_ALPHAS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 #: the moves (logit units) :func:`calibrate_class_bias` tries per class and round
 CLASS_BIAS_STEPS: tuple[float, ...] = (-1.5, -1.0, -0.5, -0.25, 0.25, 0.5, 1.0, 1.5)
+#: the per-class minimum component sizes (voxels, on the model's grid) the ascent tries
+SEMANTIC_MIN_SIZES: tuple[int, ...] = (0, 50, 100, 150, 250, 400, 600)
 #: the ``tl.lamella_mask`` thresholds :func:`calibrate_lamella_threshold` tries
 LAMELLA_THRESHOLDS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -176,46 +183,98 @@ def _semantic_log_probabilities(
     ]
 
 
+def _drop_small(labels: np.ndarray, min_size: Sequence[int]) -> np.ndarray:
+    """In-memory twin of :func:`~cryosiam_nb.inference.postprocess_semantic`: face-connected
+    components of class ``c`` smaller than ``min_size[c]`` voxels become background."""
+    from scipy import ndimage
+
+    out = labels
+    for c, size in enumerate(min_size):
+        if c == 0 or size <= 1:
+            continue
+        comp, n = ndimage.label(labels == c)
+        if n == 0:
+            continue
+        small = np.bincount(comp.ravel()) < size
+        small[0] = False
+        if out is labels:
+            out = labels.copy()
+        out[small[comp]] = 0
+    return out
+
+
 def class_bias_ascent(
     log_probabilities: Sequence[np.ndarray],
     labels: Sequence[np.ndarray],
     steps: Sequence[float] = CLASS_BIAS_STEPS,
     rounds: int = 2,
+    min_sizes: Sequence[int] = (),
 ) -> tuple[np.ndarray, pd.DataFrame]:
     """Per-class logit offsets that maximise the mean Dice of the classes present.
 
     Coordinate ascent: each round visits classes 1, 2, … in turn (class 0, background,
     stays at 0: only differences between logits matter) and keeps the move from ``steps``
-    that raises the mean over tomograms most; a move must gain more than 1e-4. Returns the
-    offsets and the table of accepted moves (the first row is the start).
+    that raises the mean over tomograms most; a move must gain more than 1e-4. With
+    ``min_sizes`` (voxels), each visit then also tries those minimum component sizes for
+    the class (:func:`~cryosiam_nb.inference.postprocess_semantic`; only classes present in
+    some ``labels`` volume: dropping a class no tomogram has always looks right). Returns
+    the offsets and the table of accepted moves (the first row is the start); its
+    ``min_size`` column holds the per-class sizes (index = class, 0 = off), the last row's
+    being the result.
     """
     if not log_probabilities or len(log_probabilities) != len(labels):
         raise InputError("class bias: need one label volume per prediction, at least one")
+    labels = [np.asarray(g) for g in labels]
+    present = set().union(*(np.unique(g).tolist() for g in labels))
 
-    def score(b: np.ndarray) -> float:
+    def score(b: np.ndarray, sizes: list[int]) -> float:
         return float(
             np.mean(
                 [
-                    _dice_present(np.argmax(lp + b[:, None, None, None], axis=0), np.asarray(g))
+                    _dice_present(
+                        _drop_small(np.argmax(lp + b[:, None, None, None], axis=0), sizes), g
+                    )
                     for lp, g in zip(log_probabilities, labels)
                 ]
             )
         )
 
     bias = np.zeros(log_probabilities[0].shape[0], np.float32)
-    best = score(bias)
-    rows = [{"round": 0, "class": None, "bias": bias.tolist(), "semantic_dice": best}]
+    sizes = [0] * len(bias)
+    best = score(bias, sizes)
+    rows = [
+        {
+            "round": 0,
+            "class": None,
+            "bias": bias.tolist(),
+            "min_size": list(sizes),
+            "semantic_dice": best,
+        }
+    ]
     for rnd in range(1, rounds + 1):
         for c in range(1, len(bias)):
             trials = []
             for step in steps:
                 b = bias.copy()
                 b[c] += step
-                trials.append((score(b), b))
-            s, b = max(trials, key=lambda t: t[0])
+                trials.append((score(b, sizes), b, sizes))
+            if min_sizes and c in present:
+                for size in min_sizes:
+                    if size != sizes[c]:
+                        sz = sizes[:c] + [int(size)] + sizes[c + 1 :]
+                        trials.append((score(bias, sz), bias, sz))
+            s, b, sz = max(trials, key=lambda t: t[0])
             if s > best + 1e-4:
-                best, bias = s, b
-                rows.append({"round": rnd, "class": c, "bias": bias.tolist(), "semantic_dice": s})
+                best, bias, sizes = s, b, sz
+                rows.append(
+                    {
+                        "round": rnd,
+                        "class": c,
+                        "bias": bias.tolist(),
+                        "min_size": list(sizes),
+                        "semantic_dice": s,
+                    }
+                )
     return bias, pd.DataFrame(rows)
 
 
@@ -227,20 +286,23 @@ def calibrate_class_bias(
     rounds: int = 2,
     progress: bool = True,
     predictions: Sequence[Any] | None = None,
+    min_sizes: Sequence[int] = (),
 ) -> tuple[np.ndarray, pd.DataFrame]:
     """Choose a per-class offset of the semantic logits on **validation** tomograms.
 
     Runs :func:`class_bias_ascent` on ``model``'s predictions with ``base_shift`` (e.g. the
     α prior correction, :func:`prior_shift`) added to their logits; the offsets come on top
     of it. ``predictions``: the computed ``tl.predict`` Datasets of ``tomograms``, if
-    already made. Does not change ``model``: apply the result with
-    ``shift_logits(model, base_shift + bias)``.
+    already made. ``min_sizes``: also choose each class' minimum component size (the
+    table's last ``min_size``; see :func:`class_bias_ascent`). Does not change ``model``:
+    apply the result with ``shift_logits(model, base_shift + bias)``.
     """
     logp = _semantic_log_probabilities(model, tomograms, progress, predictions)
     if base_shift is not None:
         b = np.asarray(base_shift, np.float32)[:, None, None, None]
         logp = [lp + b for lp in logp]
-    return class_bias_ascent(logp, [t.labels["semantic"] for t in tomograms], steps, rounds)
+    truth = [t.labels["semantic"] for t in tomograms]
+    return class_bias_ascent(logp, truth, steps, rounds, min_sizes)
 
 
 def calibrate_lamella_threshold(

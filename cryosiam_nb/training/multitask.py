@@ -334,7 +334,7 @@ def train_multitask(
         bb = models.load(init) if isinstance(init, (str, Path)) else init
         for k, v in bb.config.get("backbone", {}).items():
             kwargs.setdefault(k, v)
-        for k in ("filters", "kernel_size"):  # its head sizes too
+        for k in ("filters", "kernel_size", "task_filters"):  # its head sizes too
             if k in bb.config.get("heads", {}):
                 kwargs.setdefault(f"head_{k}", bb.config["heads"][k])
     elif backbone is not None:

@@ -164,9 +164,30 @@ def _stages_of(md: dict[str, Any]) -> dict[str, dict]:
     return {"stage1": md.get("training", {})}
 
 
+#: a card section written by hand (model selection, held-out numbers): kept verbatim when
+#: the recipe rewrites the card, since the recipe cannot measure it itself
+HAND_SECTION = "## Selection and held-out quality"
+
+
+def _hand_section(path: Path) -> list[str]:
+    """The :data:`HAND_SECTION` of the card at ``path`` (up to the next ``## `` heading),
+    or nothing."""
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    if HAND_SECTION not in lines:
+        return []
+    start = lines.index(HAND_SECTION)
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    while end > start + 1 and not lines[end - 1].strip():  # no trailing blank lines
+        end -= 1
+    return lines[start:end]
+
+
 def _card(path: Path, model: Any, mc: dict[str, Any], command: str, metrics: dict) -> None:
     md = model.metadata
     tr = md.get("training", {})
+    runs = md.get("commands") or []
     lines = [
         f"# {path.stem}",
         "",
@@ -175,6 +196,12 @@ def _card(path: Path, model: Any, mc: dict[str, Any], command: str, metrics: dic
         "",
         "## How it was made",
         f"- Command: `{command}`",
+        *(
+            ["- Runs that made these weights (UTC date, command, notes), in order:"]
+            + [f"  {i}. {r}" for i, r in enumerate(runs, 1)]
+            if len(runs) > 1
+            else []
+        ),
         f"- Data: {mc['n']} training tomograms from `training.multitask.varied_training_set("
         f"n={mc['n']}, shape={tuple(mc['shape'])}, seed={mc['seed']}, voxel_range="
         f"{tuple(mc['voxel_range'])})` — samples general/general/transcription/chromatin, "
@@ -226,6 +253,17 @@ def _card(path: Path, model: Any, mc: dict[str, Any], command: str, metrics: dic
             if md.get("semantic_prior")
             else []
         ),
+        *(
+            [
+                "- Semantic post-processing chosen in the same ascent (smallest connected "
+                "component kept per class, voxels at the model's voxel size; 0 = off): "
+                f"`{json.dumps(md['semantic_defaults'])}` — pass it to "
+                "`tl.postprocess_semantic` as `**model.metadata['semantic_defaults']` (the "
+                "demo and workflow do)"
+            ]
+            if md.get("semantic_defaults")
+            else []
+        ),
         "- Calibration tomograms: the validation tomograms above plus "
         f"{len((mc.get('calibration_val') or {}).get('seeds', ()))} with the simulator's "
         f"default imaging (`calibration_set`: `{json.dumps(mc.get('calibration_val'))}`)",
@@ -247,6 +285,8 @@ def _card(path: Path, model: Any, mc: dict[str, Any], command: str, metrics: dic
         "|---|---|",
     ]
     lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items() if np.isfinite(v)]
+    hand = _hand_section(path)
+    lines += ["", *hand] if hand else []
     lines += [
         "",
         "## Limits",
@@ -381,6 +421,8 @@ def train_stage(
     done = _stages_of(first.metadata)
     done[name] = model.metadata.get("training", {})
     model.metadata["stages"] = done
+    if first.metadata.get("commands"):
+        model.metadata["commands"] = list(first.metadata["commands"])
     _save_with_metadata(model, path)
     for side in path.parent.glob(f"{path.stem}.{name}.*"):  # the stage's checkpoint/state
         side.unlink()
@@ -444,13 +486,16 @@ def finish_shipped_multitask(
     stage used CE class weights) and per-class offsets on top of it
     (:func:`~cryosiam_nb.training.calibration.calibrate_class_bias`), both folded into the
     semantic logits' bias and recorded in ``metadata["semantic_prior"]`` (a previous
-    correction is undone first), (2) the lamella threshold, then (3) tune the instance
+    correction is undone first), with the per-class minimum component sizes of
+    ``tl.postprocess_semantic`` chosen in the same ascent (``metadata["semantic_defaults"]``),
+    (2) the lamella threshold, then (3) tune the instance
     post-processing, stored in ``metadata["instance_defaults"]``.
     """
     from cryosiam_nb import models
     from cryosiam_nb.inference import predict
 
     from .calibration import (
+        SEMANTIC_MIN_SIZES,
         calibrate_class_bias,
         calibrate_lamella_threshold,
         calibrate_semantic_prior,
@@ -479,7 +524,12 @@ def finish_shipped_multitask(
         print(prior_table.to_string(index=False))
         base = prior_shift(cw, alpha)
         bias, bias_table = calibrate_class_bias(
-            model, val, base_shift=base, progress=progress, predictions=preds
+            model,
+            val,
+            base_shift=base,
+            progress=progress,
+            predictions=preds,
+            min_sizes=SEMANTIC_MIN_SIZES,
         )
         print("per-class logit offsets on validation tomograms (accepted moves):")
         print(bias_table.to_string(index=False))
@@ -491,6 +541,9 @@ def finish_shipped_multitask(
             "shift": [float(x) for x in shift],
             "table": prior_table.to_dict(orient="records"),
             "class_bias_dice": float(bias_table.iloc[-1]["semantic_dice"]),
+        }
+        model.metadata["semantic_defaults"] = {
+            "min_size": [int(v) for v in bias_table.iloc[-1]["min_size"]]
         }
     lam_thr, lam_table = calibrate_lamella_threshold(
         model, val, progress=progress, predictions=preds
@@ -508,6 +561,8 @@ def finish_shipped_multitask(
     if model.metadata.get("semantic_prior"):  # on all calibration tomograms, best α + offsets
         metrics["calibrated_semantic_dice"] = model.metadata["semantic_prior"]["class_bias_dice"]
     model.metadata["metrics"] = metrics
+    stamp = time.strftime("%Y-%m-%d", time.gmtime())
+    model.metadata["commands"] = [*model.metadata.get("commands", []), f"{stamp} `{command}`"]
     _save_with_metadata(model, path)
     _card(path.with_suffix(".md"), model, mc, command, metrics)
     return metrics

@@ -135,6 +135,8 @@ def _pipeline(
     step("lamella")
 
     sem = outputs("semantic", roi=lamella)["labels"].where(lamella > 0, 0).astype(np.uint8)
+    if s.get("semantic_defaults"):  # the model's tuned minimum component sizes
+        sem = tl.postprocess_semantic(sem, progress=False, **s["semantic_defaults"])
     io.write(sem, tmp / "semantic.zarr")
     step("semantic")
 

@@ -98,6 +98,8 @@ def _settings(
     # by density picking
     meta = {} if picker == "density" else getattr(_model(models["instance"]), "metadata", {})
     tuned = dict((meta or {}).get("instance_defaults") or {})
+    # the semantic model's tuned post-processing (per-class minimum component sizes)
+    sem_meta = getattr(_model(models["semantic"]), "metadata", {}) or {}
     return {
         "models": {k: _model_id(v) for k, v in models.items()},
         "voxel_size": None if voxel_size is None else float(voxel_size),
@@ -107,4 +109,10 @@ def _settings(
         "instance_defaults": json.loads(json.dumps(tuned)),
         "picker": picker,
         "rotations": int(rotations),
+        # only when the model has some: markers written before them stay resumable
+        **(
+            {"semantic_defaults": json.loads(json.dumps(sem_meta["semantic_defaults"]))}
+            if sem_meta.get("semantic_defaults")
+            else {}
+        ),
     }

@@ -81,8 +81,6 @@ def postprocess_semantic(
     elif isinstance(min_size, Sequence) and not isinstance(min_size, str):
         sizes = {c: int(v) for c, v in enumerate(min_size) if c > 0}
     else:
-        if int(min_size) < 0:
-            raise InputError(f"min_size: must be ≥ 0 voxels, got {min_size}")
         n_cls = len(names) if names else int(arr.max().compute()) + 1
         sizes = {c: int(min_size) for c in range(1, n_cls)}
     if any(v < 0 for v in sizes.values()):

@@ -227,21 +227,18 @@ def class_bias_ascent(
     labels = [np.asarray(g) for g in labels]
     present = set().union(*(np.unique(g).tolist() for g in labels))
 
-    def score(b: np.ndarray, sizes: list[int]) -> float:
+    def argmaxes(b: np.ndarray) -> list[np.ndarray]:
+        return [np.argmax(lp + b[:, None, None, None], axis=0) for lp in log_probabilities]
+
+    def score(pred: list[np.ndarray], sizes: list[int]) -> float:
         return float(
-            np.mean(
-                [
-                    _dice_present(
-                        _drop_small(np.argmax(lp + b[:, None, None, None], axis=0), sizes), g
-                    )
-                    for lp, g in zip(log_probabilities, labels)
-                ]
-            )
+            np.mean([_dice_present(_drop_small(p, sizes), g) for p, g in zip(pred, labels)])
         )
 
     bias = np.zeros(log_probabilities[0].shape[0], np.float32)
     sizes = [0] * len(bias)
-    best = score(bias, sizes)
+    current = argmaxes(bias)  # the labels of the accepted offsets (sizes trials reuse them)
+    best = score(current, sizes)
     rows = [
         {
             "round": 0,
@@ -253,19 +250,24 @@ def class_bias_ascent(
     ]
     for rnd in range(1, rounds + 1):
         for c in range(1, len(bias)):
-            trials = []
+            top: tuple | None = None  # the best trial (score, bias, sizes, labels) so far
             for step in steps:
                 b = bias.copy()
                 b[c] += step
-                trials.append((score(b, sizes), b, sizes))
+                pred = argmaxes(b)
+                t = score(pred, sizes)
+                if top is None or t > top[0]:
+                    top = (t, b, sizes, pred)
             if min_sizes and c in present:
                 for size in min_sizes:
                     if size != sizes[c]:
                         sz = sizes[:c] + [int(size)] + sizes[c + 1 :]
-                        trials.append((score(bias, sz), bias, sz))
-            s, b, sz = max(trials, key=lambda t: t[0])
+                        t = score(current, sz)
+                        if top is None or t > top[0]:
+                            top = (t, bias, sz, current)
+            s, b, sz, pred = top if top is not None else (best, bias, sizes, current)
             if s > best + 1e-4:
-                best, bias, sizes = s, b, sz
+                best, bias, sizes, current = s, b, sz, pred
                 rows.append(
                     {
                         "round": rnd,

@@ -6,8 +6,8 @@ markers (capped, ``max_markers``) are on; headless Chromium (playwright) drives 
 curator would. Per size, wall-clock seconds as the browser sees them:
 
 - ``first_frame``: ``page.goto`` → the first datashaded UMAP image is in the page;
-- ``viewer``: ``page.goto`` → the slice viewer is in the page (it is built after the page
-  has loaded, so it no longer delays the first frame); the interactions start after it;
+- ``viewer``: ``page.goto`` → the slice viewer is in the page (it is part of the first
+  document); the interactions start after it;
 - ``select_gallery``: end of a box drag over one UMAP cluster (~1/30 of the particles) →
   the gallery shows its thumbnails and the selected count;
 - ``zoom_frame``: a mouse-wheel zoom on the UMAP → a new datashader frame (new bounds);

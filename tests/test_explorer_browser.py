@@ -289,7 +289,7 @@ def test_recluster_histograms_and_per_tomogram_export_in_chromium(chromium_brows
     url, sessions, base, out = served
     page, ex, errors = _open(chromium_browser, url, sessions)
     obs = ex.particles.obs
-    # The slice viewer is built after the page is up (it never delays the first frame).
+    # The slice viewer is part of the page.
     expect(page.locator(".cs-slice-viewer")).to_have_count(1, timeout=60_000)
 
     # 1. Re-embed clusters "0" and "1" on their own UMAP, k-means into 2 groups.

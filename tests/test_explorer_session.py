@@ -420,3 +420,34 @@ def test_capped_viewer_markers_match_a_scan_and_keep_the_highlighted():
     overlay = v._markers("xy", 16, 40, 40, True, 3)
     base, sel = overlay.get(0), overlay.get(1)
     assert len(sel) == 50 and len(base) + len(sel) == 500
+
+
+def test_drag_before_the_page_has_loaded_is_applied_once_it_has():
+    """Panel drops document changes made in a hold before the session counts as connected,
+    so a drag in the first second of a served page froze the gallery: it is deferred."""
+    import weakref
+
+    import panel as pn
+    from bokeh.document import Document
+    from panel.io.state import set_curdoc
+
+    p = make_particles()
+    ex = explorer(p, tomograms=make_tomograms(p))
+    ex.panel()
+    assert ex._widgets["viewer_holder"].objects  # the slice viewer is in the first document
+
+    class _Session:  # a served document: it has a session context until it is loaded
+        id = "not-yet-loaded"
+
+    session = _Session()
+    doc = Document()
+    doc._session_context = weakref.ref(session)
+    with set_curdoc(doc):
+        assert not pn.state.loaded
+        ex._bounds.event(bounds=(-3.0, -3.0, 3.0, 3.0))
+        ex._widgets["exclude"].clicks += 1  # a button click waits the same way
+        assert len(ex.selection) == 0 and ex._widgets["gallery"].items == []
+        pn.state._on_load(doc)  # what Panel runs on the browser's DocumentReady
+    assert ex.selected_ids == cluster_ids(p, "0")
+    assert sorted(it["id"] for it in ex._widgets["gallery"].items) == cluster_ids(p, "0")
+    assert p.obs.loc[cluster_ids(p, "0"), "excluded"].all()

@@ -7,7 +7,7 @@ Export/save live in :mod:`.exporting`, widgets and layout in :mod:`.layout` (mix
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -547,18 +547,35 @@ class Explorer(
         )
         return plot
 
+    @staticmethod
+    def _when_loaded(fn: Callable[[], Any]) -> None:
+        """Run ``fn`` now or, in a served session whose page has not finished loading, once
+        it has.
+
+        Panel holds the document changes made before the page is connected and replays them
+        afterwards; changes that create models (selection overlays, the slice viewer built
+        on load) could then reach the browser out of order ("reference … isn't known") and
+        the page stopped updating. A drag in the first second after the UMAP appears did it.
+        """
+        if pn.state.curdoc is not None and not pn.state.loaded:
+            pn.state.onload(fn)
+        else:
+            fn()
+
     def _on_bounds(self, bounds: Any = None, **_: Any) -> None:
         if bounds is None:
             return
         x0, y0, x1, y1 = bounds
         if x0 == x1 and y0 == y1:
             return
-        self.select_box(x0, y0, x1, y1, add=self._append)
+        add = self._append
+        self._when_loaded(lambda: self.select_box(x0, y0, x1, y1, add=add))
 
     def _on_lasso(self, geometry: Any = None, **_: Any) -> None:
         if geometry is None or len(geometry) < 3:
             return
-        self.select_lasso(np.asarray(geometry), add=self._append)
+        polygon, add = np.asarray(geometry), self._append
+        self._when_loaded(lambda: self.select_lasso(polygon, add=add))
 
 
 def explorer(

@@ -181,7 +181,7 @@ class LayoutMixin:
     def _guard(self, fn: Callable[[], Any]) -> Callable[[Any], None]:
         """Wrap a button callback: user errors go to the status line instead of raising."""
 
-        def cb(event: Any = None) -> None:
+        def run() -> None:
             try:
                 fn()
             except FileExistsError as err:
@@ -189,7 +189,7 @@ class LayoutMixin:
             except (ValueError, KeyError, OSError) as err:
                 self.status = f"⚠ {err}"
 
-        return cb
+        return lambda event=None: self._when_loaded(run)
 
     def _wire(self) -> None:
         w = self._widgets
@@ -484,13 +484,12 @@ class LayoutMixin:
         )
         views = [pn.Row(umap, w["legend"])]
         if self.tomograms:
-            # The slice viewer is built after the page is up (served: on load; in Python at
-            # once), so the UMAP's first frame does not wait for it.
-            w["viewer_holder"] = pn.Column(
-                pn.pane.HTML("<i>loading the slice viewer…</i>", css_classes=["cs-viewer-wait"])
-            )
+            # The slice viewer is part of the first document. Built on load (Panel 1.9.4), its
+            # models were sometimes dropped by a hold that ended before the session counted
+            # as connected; the next change referring to them ("reference … isn't known")
+            # then froze the page. Measured with it in: first frame 3.2-3.9 s at 10k-100k.
+            w["viewer_holder"] = pn.Column(self._viewer(w["tomogram"].value).panel())
             views.append(pn.Column(w["tomogram"], w["viewer_holder"]))
-            pn.state.onload(lambda: self._show_viewer(w["tomogram"].value))
         self._layout = pn.Column(
             w["header"],
             w["prompt"],

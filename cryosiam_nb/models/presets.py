@@ -11,6 +11,17 @@ channels), FPN 16, 16-d voxel embedding (predictor 16→4→16), 64-d global emb
 (predictor 64→16→64), L2 level loss, heads 16→8→16→out, patch 32³; subtomogram SimSiam
 64-d (predictor 16) on 32³ boxes. About 0.4 M parameters (most in the global MLP).
 Full-resolution 3-D convolutions dominate the cost, so the tiny widths are kept small.
+
+A preset between the two was measured and not kept (2026-12-06): tiny's widths doubled
+(filters 16-128, FPN 32, dense embedding 32, heads 16/32; 1.63 M parameters, 6.6 MB)
+through the multi-task recipe's stages 2-6 and calibration. On validation tomograms
+7201-7205 (never trained or calibrated on) against the shipped tiny-multitask: semantic
+Dice 0.666 vs 0.661, membrane 0.769 vs 0.750, actin 0.141 vs 0.193, DNA 0.184 vs 0.148,
+AP-50 0.328 vs 0.301, small-particle F1 0.690 vs 0.676, PSNR 16.4 vs 16.0 dB, lamella
+0.925 vs 0.918, at 321 vs 92 kFLOP per voxel (the four separate tiny models: 204) and
+1.6x the wall time per tomogram (prediction and post-processing, 2 threads). Small gains
+at 3.5x the compute, and the rare class that fails (actin) got worse, so the laptop
+default stays tiny.
 """
 
 from __future__ import annotations

@@ -53,6 +53,10 @@ STAGES = ("stage2", "stage3", "stage5", "stage6")
 #: lowered the small-particle F1 there (0.574 vs 0.614). ``stage8`` (the semantic head
 #: alone after stage 6, 16 epochs) lowered the semantic Dice (0.621 vs 0.635; actin 0.049
 #: vs 0.093) and left every instance score identical (the heads are independent).
+#: Not a stage: stage 5's settings with the simulator's default actin density (4 filaments
+#: instead of 40; seeds 6800, 16 epochs at lr 5e-4) on the shipped weights lowered how well
+#: p(actin) separates actin on validation tomograms 7201/7203/7205 (AUC 0.913 vs 0.926,
+#: best-threshold actin Dice 0.093 vs 0.110; 2026-12-06), so the dense-actin stages stay.
 OPTIONAL_STAGES = ("stage4", "stage7", "stage8")
 _ALL_STAGES = STAGES + OPTIONAL_STAGES
 

@@ -552,10 +552,10 @@ class Explorer(
         """Run ``fn`` now or, in a served session whose page has not finished loading, once
         it has.
 
-        Panel holds the document changes made before the page is connected and replays them
-        afterwards; changes that create models (selection overlays, the slice viewer built
-        on load) could then reach the browser out of order ("reference … isn't known") and
-        the page stopped updating. A drag in the first second after the UMAP appears did it.
+        Panel (1.9.4) drops the model changes made in a hold before the session counts as
+        connected, expecting a full document to follow, but the browser already has the
+        page; a later change that refers to a model created then ("reference … isn't
+        known") froze the page. A drag in the first second after the UMAP appeared did it.
         """
         if pn.state.curdoc is not None and not pn.state.loaded:
             pn.state.onload(fn)

@@ -557,7 +557,7 @@ class Explorer(
         page; a later change that refers to a model created then ("reference … isn't
         known") froze the page. A drag in the first second after the UMAP appeared did it.
         """
-        if pn.state.curdoc is not None and not pn.state.loaded:
+        if not pn.state.loaded:  # True outside a served session (Jupyter, plain Python)
             pn.state.onload(fn)
         else:
             fn()

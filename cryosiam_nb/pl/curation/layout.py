@@ -488,7 +488,8 @@ class LayoutMixin:
             # models were sometimes dropped by a hold that ended before the session counted
             # as connected; the next change referring to them ("reference … isn't known")
             # then froze the page. Measured with it in: first frame 3.2-3.9 s at 10k-100k.
-            w["viewer_holder"] = pn.Column(self._viewer(w["tomogram"].value).panel())
+            w["viewer_holder"] = pn.Column()
+            self._show_viewer(w["tomogram"].value)
             views.append(pn.Column(w["tomogram"], w["viewer_holder"]))
         self._layout = pn.Column(
             w["header"],

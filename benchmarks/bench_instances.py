@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit, run_isolated  # noqa: E402
 
 CHILD = r"""
-import gc, json, sys, tempfile, time, numpy as np, xarray as xr
+import atexit, gc, json, shutil, sys, tempfile, time, numpy as np, xarray as xr
 sys.path.insert(0, {bench_dir!r})
 from cryosiam_nb import metrics, segmentation
 from _common import PeakRSS
@@ -71,6 +71,7 @@ def gt_labels(n):
 
 lab, source = gt_labels(n)
 tmp = tempfile.mkdtemp()
+atexit.register(shutil.rmtree, tmp, True)  # the maps store can be GBs
 maps = segmentation.maps_from_labels(xr.DataArray(lab, dims=("z", "y", "x"),
                                                   attrs={{"voxel_size": 10.0}}))
 maps["gt"] = (("z", "y", "x"), lab)

@@ -42,7 +42,7 @@ from _common import RESULTS, machine  # noqa: E402
 #: script → reason: left out of the CI quick run (``--ci``) because it is too slow there.
 CI_EXCLUDE: dict[str, str] = {
     "bench_multitask.py": (
-        "quick mode simulates a tilt-series tomogram and runs both model sets plus four "
+        "quick mode simulates a tilt-series tomogram and runs both model sets plus five "
         "robustness variants (several minutes on 2 cores); tests/test_multitask.py covers "
         "the code; run it with `run_all.py --quick --only multitask`"
     ),

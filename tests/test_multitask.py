@@ -268,6 +268,17 @@ def test_instance_defaults_are_tuned_on_validation_tomograms_over_the_grid():
     np.testing.assert_allclose(both["f1_small"], one["f1_small"])
 
 
+def test_every_recipe_stage_has_settings_and_a_card_note():
+    """``--stages NAME`` must not fail at the card after training: each stage the recipe
+    offers has its settings and the sentence the model card prints for it."""
+    from cryosiam_nb.training import multitask_recipe
+    from cryosiam_nb.training.recipe import RECIPE
+
+    for name in multitask_recipe.STAGES + multitask_recipe.OPTIONAL_STAGES:
+        assert RECIPE["multitask"].get(name, {}).get("epochs"), name
+        assert multitask_recipe.STAGE_NOTES.get(name), name
+
+
 def test_recipe_continues_the_shipped_model_with_a_stage_and_leaves_no_side_files(tmp_path):
     import shutil
 

@@ -88,15 +88,6 @@ def _tensors(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, torch.T
     return sd
 
 
-@pytest.fixture(autouse=True)
-def _drop_checkpoint_files(tmp_path):
-    """Published-size checkpoints are ~130 MB each: remove them as soon as a test ends,
-    so the suite's temporary directory stays small on a CI machine with little disk."""
-    yield
-    for f in tmp_path.glob("*.ckpt"):
-        f.unlink()
-
-
 @pytest.fixture(scope="module")
 def layout():
     return _sections()

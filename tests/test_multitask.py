@@ -247,7 +247,11 @@ def test_instance_defaults_are_tuned_on_validation_tomograms_over_the_grid():
     best, table = tune_instance_defaults(_model(), tomos, grid=grid, progress=False)
     assert set(best) == set(grid) and best["threshold_foreground"] in (0.3, 0.5)
     assert len(table) == 2 and {"ap50", "f1_small", "score"} <= set(table.columns)
-    assert table["score"].is_monotonic_decreasing
+    # best first: settings reaching the small-particle F1 floor, then by score
+    met = table["f1_floor_met"].to_numpy()
+    assert not (~met[:-1] & met[1:]).any()
+    for _, part in table.groupby("f1_floor_met"):
+        assert part["score"].is_monotonic_decreasing
     # a tomogram without small particles adds no small-particle F1 (not a 0 to the mean):
     # perfect maps of the full labels score the same with or without a second tomogram
     # whose small particles are erased from the truth
@@ -266,6 +270,36 @@ def test_instance_defaults_are_tuned_on_validation_tomograms_over_the_grid():
     _, both = tune_instance_defaults(None, [t, no_small], predictions=[perfect] * 2, **kw)
     assert one["f1_small"].iloc[0] > 0.5
     np.testing.assert_allclose(both["f1_small"], one["f1_small"])
+
+
+def test_instance_tuning_ranks_settings_below_the_small_f1_floor_last():
+    """A higher AP-50 + F1 score must not win with small-particle F1 under the floor (the
+    optional stage 9 calibrated that way); ties keep ``tl.instances``' own defaults."""
+    import pandas as pd
+
+    from cryosiam_nb.training.multitask import _rank_settings
+
+    rows = pd.DataFrame(
+        {
+            "threshold_foreground": [0.2, 0.3, 0.4, 0.5],
+            "ap50": [0.40, 0.30, 0.30, 0.10],
+            "f1_small": [0.55, 0.72, 0.72, 0.90],
+        }
+    )
+    rows["score"] = (rows["ap50"] + rows["f1_small"]) / 2
+    defaults = {"threshold_foreground": 0.4}
+    free = _rank_settings(rows, defaults, None)
+    assert free["threshold_foreground"].tolist() == [0.4, 0.3, 0.5, 0.2]
+    floored = _rank_settings(rows, defaults, 0.7)
+    assert floored["threshold_foreground"].tolist() == [0.4, 0.3, 0.5, 0.2]
+    rows.loc[0, "ap50"] = 0.9  # the best score, but small particles below the floor
+    rows["score"] = (rows["ap50"] + rows["f1_small"]) / 2
+    assert _rank_settings(rows, defaults, None)["threshold_foreground"].iloc[0] == 0.2
+    floored = _rank_settings(rows, defaults, 0.7)
+    assert floored["threshold_foreground"].tolist() == [0.4, 0.3, 0.5, 0.2]
+    assert floored["f1_floor_met"].tolist() == [True, True, True, False]
+    # nothing reaches the floor: the score decides
+    assert _rank_settings(rows, defaults, 0.95)["threshold_foreground"].iloc[0] == 0.2
 
 
 def test_every_recipe_stage_has_settings_and_a_card_note():

@@ -38,9 +38,10 @@ __all__ = ["main", "simulate_training_set", "RECIPE", "QUICK", "SIM_STRUCTURES"]
 SIM_STRUCTURES = {"vesicles": 12.0, "sheets": 3.0, "microtubules": 8.0, "actin": 20.0}
 
 #: the multi-task stages 3 and 4's data and class balance: 2.3× the microtubules and 2.5× the
-#: actin per tomogram, both noise regimes (stage 1's dose range and stage 2's low SNR, so
-#: the rare classes are learnt without forgetting low-SNR input), CE weighted by class
-#: frequency, 80 % class-balanced patches
+#: actin per tomogram; every tomogram's projection SNR drawn log-uniformly in 0.05–0.4 (none
+#: from stage 1's dose range, whose SNR is 0.35–0.83, so the rare classes are learnt
+#: without forgetting low-SNR input), CE weighted by class frequency, 80 % class-balanced
+#: patches
 _RARE_CLASSES: dict[str, Any] = {
     "structures": {
         "general": {"vesicles": 6.0, "sheets": 2.0, "microtubules": 14.0, "actin": 40.0}

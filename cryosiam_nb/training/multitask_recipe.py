@@ -64,6 +64,14 @@ STAGES = ("stage2", "stage3", "stage5", "stage6")
 #: best-threshold actin Dice 0.093 vs 0.110; 2026-12-06), so the dense-actin stages stay.
 #: An actin CE weight of 25 instead of the capped 10 (stage 5's settings, seeds 6900, 16
 #: epochs at lr 5e-4) matched its control there (AUC 0.922 vs 0.924, Dice 0.089 vs 0.091).
+#: Not a stage: the thesis' cascade (semantic segmentation of the denoised tomogram). The
+#: shipped weights fine-tuned 12 epochs at lr 5e-4 (backbone + semantic head, stage 5's
+#: data on seeds 6700, CE class weights) on the shipped model's normalised denoised output,
+#: then α + offsets calibrated on :func:`calibration_set` (denoised the same way), reached
+#: on validation tomograms 7201/7203/7205 at SNR 0.1 semantic Dice 0.639, actin 0.148;
+#: the same fine-tune on the noisy input 0.614 / 0.035; the shipped weights 0.666 / 0.213
+#: (2026-12-06). Denoised input beats noisy input for the same training, but a short
+#: fine-tune costs more than it gains: a cascade would need the whole recipe on it.
 #: ``stage9`` (stage 5's data with the projection SNR down to 0.02, small particles 8×, 16
 #: epochs at lr 5e-4 on the shipped weights), then ``stage6`` again and the calibration, on
 #: validation tomograms 7201–7205 at the default SNR 0.1 / at SNR 0.036 (2026-12-06):

@@ -463,12 +463,24 @@ def test_class_bias_ascent_drops_specks_of_a_rare_class_and_matches_postprocess_
     )
 
 
-def test_recipe_calibrate_only_replaces_the_prior_correction_instead_of_stacking(tmp_path):
+def test_recipe_calibrate_only_replaces_the_prior_correction_instead_of_stacking(
+    tmp_path, monkeypatch
+):
     import shutil
 
-    from cryosiam_nb.training import recipe
+    from cryosiam_nb.training import multitask_recipe, recipe
     from cryosiam_nb.training.calibration import SEMANTIC_MIN_SIZES, _logit_layer
 
+    # the instance post-processing is chosen on the calibration set alone (default
+    # imaging, realistic size), not on the stages' small varied-SNR validation tomograms
+    tuned_on: list[list[str]] = []
+    real_tune = multitask_recipe.tune_instance_defaults
+
+    def recording_tune(model, tomograms, **kw):
+        tuned_on.append([t.name for t in tomograms])
+        return real_tune(model, tomograms, **kw)
+
+    monkeypatch.setattr(multitask_recipe, "tune_instance_defaults", recording_tune)
     shutil.copy(models.WEIGHTS_DIR / "tiny-multitask.pt", tmp_path / "tiny-multitask.pt")
     argv = ["--quick", "--only", "multitask", "--out", str(tmp_path), "--no-progress"]
     biases, runs = [], []
@@ -489,6 +501,8 @@ def test_recipe_calibrate_only_replaces_the_prior_correction_instead_of_stacking
         assert 0.5 <= m.metadata["lamella_defaults"]["threshold"] <= 0.9
         sizes = m.metadata["semantic_defaults"]["min_size"]
         assert len(sizes) == 6 and set(sizes) <= set(SEMANTIC_MIN_SIZES)
+    cal = [t.name for t in multitask_recipe.calibration_set(recipe.QUICK["multitask"], False)]
+    assert cal and tuned_on == [cal, cal]
     # the same calibration data choose the same α: the bias must not move the second time
     torch.testing.assert_close(biases[0], biases[1])
     card = (tmp_path / "tiny-multitask.md").read_text()

@@ -440,12 +440,13 @@ INSTANCE_GRID: dict[str, tuple[Any, ...]] = {
 
 
 #: :func:`tune_instance_defaults` ranks settings whose small-particle F1 on the validation
-#: tomograms is below this after those above it. The picking target is F1 ≥ 0.6 on held-out
-#: tomograms, and the shipped weights' F1 fell from 0.727 on the calibration tomograms to
-#: 0.624 held-out, so the floor keeps that margin. Without it, the optional stage 9
-#: calibrated to AP-50 0.387 / small F1 0.503 on validation tomograms 7201–7205 (shipped:
-#: 0.295 / 0.673).
-SMALL_F1_FLOOR = 0.7
+#: tomograms is below this after those above it: the picking target (F1 ≥ 0.6) plus a
+#: margin. The recipe tunes on :func:`~cryosiam_nb.training.multitask_recipe.calibration_set`
+#: (default imaging, 96×192×192), where the chosen settings' small F1 predicted that on
+#: validation tomograms 7201–7205 within 0.02 (stages 1–10: 0.682 vs 0.689; stages 1–6:
+#: 0.656 vs 0.673), so 0.05 is the margin. (It was 0.7 while the pool also held the stages'
+#: small varied-SNR tomograms, where small F1 read ~0.07 higher.)
+SMALL_F1_FLOOR = 0.65
 
 
 def tune_instance_defaults(

@@ -67,6 +67,23 @@ _INSTANCE_HEAD_ONLY: dict[str, Any] = {
     "small_weight": 4.0,
 }
 
+#: stage 6 (and stage 10, the same after stage 9): the instance head alone (backbone
+#: frozen, other heads untouched), particles under 150 voxels weighted 8× in the instance
+#: loss (on validation tomograms 7201–7205, with the neck-aware calibration, 8× against 4×:
+#: small-particle F1 0.676 vs 0.637, recall 0.658 vs 0.575, AP-50 0.301 vs 0.316, mean of
+#: AP-50 and small F1 0.489 vs 0.477; 6× tuned to 0.426)
+_STAGE6: dict[str, Any] = {
+    "n": 16,
+    "seed": 6100,
+    "val_n": 2,
+    "val_seed": 6140,
+    **_MORE_DNA,
+    **_INSTANCE_HEAD_ONLY,
+    "small_weight": 8.0,
+    "epochs": 16,
+    "seed_train": 6,
+}
+
 RECIPE: dict[str, Any] = {
     "sim": {"n": 8, "shape": (48, 96, 96), "voxel_size": 10.0, "seed": 2024, "mode": "tilt"},
     "dense_ssl": {
@@ -152,22 +169,8 @@ RECIPE: dict[str, Any] = {
             "epochs": 30,
             "seed_train": 4,
         },
-        # stage 6: the instance head alone after stage 5 (backbone frozen, other heads
-        # untouched), particles under 150 voxels weighted 8× in the instance loss (on
-        # validation tomograms 7201–7205, with the neck-aware calibration, 8× against 4×:
-        # small-particle F1 0.676 vs 0.637, recall 0.658 vs 0.575, AP-50 0.301 vs 0.316,
-        # mean of AP-50 and small F1 0.489 vs 0.477; 6× tuned to 0.426)
-        "stage6": {
-            "n": 16,
-            "seed": 6100,
-            "val_n": 2,
-            "val_seed": 6140,
-            **_MORE_DNA,
-            **_INSTANCE_HEAD_ONLY,
-            "small_weight": 8.0,
-            "epochs": 16,
-            "seed_train": 6,
-        },
+        # stage 6: the instance head alone after stage 5 (see _STAGE6)
+        "stage6": _STAGE6,
         # stage 7 (optional, run only with --stages stage7): stage 6 again on fresh seeds;
         # on validation tomograms 7201–7205 it lowered the small-particle F1 (0.574 vs
         # 0.614) and AP-70 (0.123 vs 0.131), other metrics equal
@@ -196,10 +199,9 @@ RECIPE: dict[str, Any] = {
             "epochs": 16,
             "seed_train": 8,
         },
-        # stage 9 (optional, run only with --stages stage9): stage 5's data and training
-        # continued on the shipped weights with the projection SNR reaching down to 0.02
-        # (8 e/Å² realises 0.036, where the shipped model fails), small particles 8× as in
-        # stage 6, 16 epochs at lr 5e-4
+        # stage 9: stage 5's data and training continued after stage 6 with the projection
+        # SNR reaching down to 0.02 (8 e/Å² realises 0.036, where stages 1–6 fail), small
+        # particles 8× as in stage 6, 16 epochs at lr 5e-4
         "stage9": {
             "n": 16,
             "seed": 6600,
@@ -212,6 +214,9 @@ RECIPE: dict[str, Any] = {
             "lr": 5e-4,
             "seed_train": 9,
         },
+        # stage 10: stage 6 again after stage 9 (the same data and seed): the instance head
+        # alone re-learns small particles on the low-SNR backbone
+        "stage10": _STAGE6,
         # calibration (semantic prior correction, instance post-processing) also sees
         # tomograms with the simulator's default imaging (10 Å, projection SNR 0.1, default
         # thickness and structure counts), at a realistic size; validation seeds only
@@ -271,6 +276,8 @@ QUICK: dict[str, Any] = _overridden(
         "stage4": {"n": 2, "val_n": 1, "epochs": 1, "class_weights": "auto", "small_weight": 4.0},
         "stage5": {"n": 2, "val_n": 1, "epochs": 1, "class_weights": "auto", "lr": 1e-3},
         "stage6": {"n": 2, "val_n": 1, "epochs": 1, **_INSTANCE_HEAD_ONLY},
+        "stage9": {"n": 2, "val_n": 1, "epochs": 1, "snr_range": (0.02, 0.4), "lr": 1e-3},
+        "stage10": {"n": 2, "val_n": 1, "epochs": 1, **_INSTANCE_HEAD_ONLY},
         "calibration_val": {
             "seeds": (7101,),
             "samples": ("general",),

@@ -60,7 +60,10 @@ STRUCTURES = {"general": {"vesicles": 6.0, "sheets": 2.0, "microtubules": 6.0, "
 #: choice, not the weights, was the small-particle loss recorded for stage 9 alone
 #: (small F1 0.580; 0.503 without stage 10). The recipe run that made the shipped weights
 #: (``--stages stage9 stage10`` on the stages 1–6 weights, 2026-12-07) reproduced these
-#: numbers exactly; held-out numbers are in the model card and README.
+#: numbers exactly; held-out numbers are in the model card and README. 7201–7205 hold no
+#: microtubule: on thick general validation tomograms 7206–7208 (128×192×192, measured
+#: after the choice) stages 9–10 lowered the microtubule Dice (0.238 vs 0.352, the only one
+#: with a microtubule) while raising membrane (0.775 vs 0.754) and AP-50 (0.169 vs 0.146).
 STAGES = ("stage2", "stage3", "stage5", "stage6", "stage9", "stage10")
 #: stages that run only when named (``--stages``): measured, not part of the shipped chain.
 #: ``stage4`` (the whole network with small particles up-weighted, 24 epochs at lr 5e-4

@@ -64,6 +64,9 @@ STRUCTURES = {"general": {"vesicles": 6.0, "sheets": 2.0, "microtubules": 6.0, "
 #: microtubule: on thick general validation tomograms 7206–7208 (128×192×192, measured
 #: after the choice) stages 9–10 lowered the microtubule Dice (0.238 vs 0.352, the only one
 #: with a microtubule) while raising membrane (0.775 vs 0.754) and AP-50 (0.169 vs 0.146).
+#: There the new p(microtubule) separates better (AUC 0.900 vs 0.888, best-threshold Dice
+#: 0.45 vs 0.42): the calibrated argmax under-calls it (offset +1: 0.41), so the next
+#: lever is thick, microtubule-bearing tomograms in :func:`calibration_set`.
 STAGES = ("stage2", "stage3", "stage5", "stage6", "stage9", "stage10")
 #: stages that run only when named (``--stages``): measured, not part of the shipped chain.
 #: ``stage4`` (the whole network with small particles up-weighted, 24 epochs at lr 5e-4

@@ -217,9 +217,10 @@ RECIPE: dict[str, Any] = {
         # stage 10: stage 6 again after stage 9 (the same data and seed): the instance head
         # alone re-learns small particles on the low-SNR backbone
         "stage10": _STAGE6,
-        # calibration (semantic prior correction, instance post-processing) also sees
-        # tomograms with the simulator's default imaging (10 Å, projection SNR 0.1, default
-        # thickness and structure counts), at a realistic size; validation seeds only
+        # calibration (semantic prior correction, lamella threshold) also sees tomograms
+        # with the simulator's default imaging (10 Å, projection SNR 0.1, default thickness
+        # and structure counts), at a realistic size; validation seeds only. The instance
+        # post-processing is tuned on these alone
         "calibration_val": {
             "seeds": (7101, 7102, 7103, 7104),
             "samples": ("general", "transcription", "general", "chromatin"),

@@ -401,10 +401,23 @@ def train_shipped_multitask(
     model.metadata["train_threads"] = torch.get_num_threads()
     _save_with_metadata(model, path)
     for name in STAGES:
-        val = val + train_stage(path, cfg, name, progress)
+        val = _new_tomograms(val, train_stage(path, cfg, name, progress))
     return finish_shipped_multitask(
         path, cfg, command + f" --only multitask --epochs {n_epochs}", progress, val
     )
+
+
+def _new_tomograms(val: list, more: list) -> list:
+    """``val`` plus the tomograms of ``more`` not already in it (same name and image): stage
+    10 repeats stage 6's validation tomograms, which must not count twice in the
+    calibration."""
+    by_name = {t.name: t for t in val}
+
+    def repeated(t: Any) -> bool:
+        u = by_name.get(t.name)
+        return u is not None and np.array_equal(u.image, t.image)
+
+    return list(val) + [t for t in more if not repeated(t)]
 
 
 def train_stage(
@@ -510,7 +523,7 @@ def continue_shipped_multitask(
     mc = dict(cfg["multitask"])
     val = _simulated(mc, "val_", progress)
     for name in stages:
-        val = val + train_stage(path, cfg, name, progress, resume)
+        val = _new_tomograms(val, train_stage(path, cfg, name, progress, resume))
     cmd = (
         command
         + " --only multitask "

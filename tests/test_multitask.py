@@ -423,6 +423,44 @@ def test_class_bias_ascent_undoes_a_class_the_network_over_paints():
         class_bias_ascent(logps, labels[:1])
 
 
+def test_class_objective_weighs_a_class_in_one_tomogram_like_a_class_in_all():
+    """Microtubules present in one validation tomogram of four must count as much as
+    membranes present in all: the "class" objective gives them that weight, the
+    "tomogram" one a quarter of it; the ascent then raises an under-called rare class
+    only under the "class" objective."""
+    from cryosiam_nb.training.calibration import class_bias_ascent, pooled_dice
+
+    per = [{0: 1.0, 1: 1.0, 2: 0.0}] + [{0: 1.0, 1: 1.0}] * 3
+    assert pooled_dice(per, "class") == pytest.approx(2 / 3)
+    assert pooled_dice(per, "tomogram") == pytest.approx((2 / 3 + 3) / 4)
+    with pytest.raises(InputError, match="objective"):
+        pooled_dice(per, "voxel")
+
+    # four tomograms, membranes in all (class 1), a rare class (2) in the first only, where
+    # its logit is 0.4 too low; raising it by 0.5 finds it but also turns half of the
+    # other tomograms' membranes (logit 2 only 0.45 below logit 1 there) into class 2
+    labels, logps = [], []
+    for i in range(4):
+        g = np.zeros((8, 16, 16), np.int64)
+        g[2:6, 2:14, 2:8] = 1
+        lp = np.zeros((3, *g.shape), np.float32) - 3.0
+        lp[0][g == 0] = 0.0
+        lp[1][g == 1] = 0.0
+        if i == 0:
+            g[3:5, 4:12, 10:14] = 2
+            lp[0][g == 2], lp[2][g == 2] = 0.0, -0.4
+        else:
+            lp[2][2:6, 2:14, 2:5] = -0.45
+        labels.append(g)
+        logps.append(lp)
+    by_class, table = class_bias_ascent(logps, labels, objective="class")
+    assert by_class[2] >= 0.5 and table.iloc[-1]["semantic_dice"] > 0.99
+    by_tomo, _ = class_bias_ascent(logps, labels, objective="tomogram")
+    assert by_tomo[2] == 0.0  # a quarter of the weight does not pay for the membranes
+    with pytest.raises(InputError, match="objective"):
+        class_bias_ascent(logps, labels, objective="voxel")
+
+
 def test_class_bias_ascent_drops_specks_of_a_rare_class_and_matches_postprocess_semantic():
     """A rare class painted as scattered specks besides its one true filament: no offset
     can separate them, a minimum component size can; the in-memory filter the ascent
@@ -468,7 +506,7 @@ def test_recipe_calibrate_only_replaces_the_prior_correction_instead_of_stacking
 ):
     import shutil
 
-    from cryosiam_nb.training import multitask_recipe, recipe
+    from cryosiam_nb.training import calibration, multitask_recipe, recipe
     from cryosiam_nb.training.calibration import SEMANTIC_MIN_SIZES, _logit_layer
 
     # the instance post-processing is chosen on the calibration set alone (default
@@ -481,6 +519,25 @@ def test_recipe_calibrate_only_replaces_the_prior_correction_instead_of_stacking
         return real_tune(model, tomograms, **kw)
 
     monkeypatch.setattr(multitask_recipe, "tune_instance_defaults", recording_tune)
+    # so are the semantic offsets; the lamella threshold sees the whole recipe's pool,
+    # however the weights came about: stage 1's and every chained stage's validation
+    # tomograms plus the calibration set (not stage 1's alone under --calibrate-only)
+    seen: dict[str, list[list[str]]] = {
+        "calibrate_class_bias": [],
+        "calibrate_lamella_threshold": [],
+    }
+
+    def recording(name):
+        real = getattr(calibration, name)
+
+        def run(model, tomograms, **kw):
+            seen[name].append([t.name for t in tomograms])
+            return real(model, tomograms, **kw)
+
+        return run
+
+    for name in seen:
+        monkeypatch.setattr(calibration, name, recording(name))
     shutil.copy(models.WEIGHTS_DIR / "tiny-multitask.pt", tmp_path / "tiny-multitask.pt")
     argv = ["--quick", "--only", "multitask", "--out", str(tmp_path), "--no-progress"]
     biases, runs = [], []
@@ -503,6 +560,12 @@ def test_recipe_calibrate_only_replaces_the_prior_correction_instead_of_stacking
         assert len(sizes) == 6 and set(sizes) <= set(SEMANTIC_MIN_SIZES)
     cal = [t.name for t in multitask_recipe.calibration_set(recipe.QUICK["multitask"], False)]
     assert cal and tuned_on == [cal, cal]
+    mc = recipe.QUICK["multitask"]
+    pool = [t.name for t in multitask_recipe.recipe_validation_set(mc, False)] + cal
+    assert seen["calibrate_lamella_threshold"] == [pool, pool]
+    assert seen["calibrate_class_bias"] == [cal, cal]
+    # more than stage 1's own: the low-SNR stages' validation tomograms differ from it
+    assert len(pool) - len(cal) > mc["val_n"]
     # the same calibration data choose the same α: the bias must not move the second time
     torch.testing.assert_close(biases[0], biases[1])
     card = (tmp_path / "tiny-multitask.md").read_text()

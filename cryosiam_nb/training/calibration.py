@@ -15,6 +15,9 @@ The same ascent can also choose, per class, the smallest connected component kep
 :func:`~cryosiam_nb.inference.postprocess_semantic` (``min_sizes``): a rare class (actin)
 is mostly painted as specks on other structures, so dropping its small components raises
 its Dice more than any offset; that setting is stored, not folded into the weights.
+Both choices score the Dice of the classes present pooled by :func:`pooled_dice`; the
+default weighs every class alike (``objective="class"``), so a class found in one
+validation tomogram of several (microtubules) counts as much as one found in all.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ __all__ = [
     "calibrate_lamella_threshold",
     "calibrate_class_bias",
     "class_bias_ascent",
+    "pooled_dice",
+    "OBJECTIVES",
     "PRIOR_ALPHAS",
     "CLASS_BIAS_STEPS",
     "SEMANTIC_MIN_SIZES",
@@ -102,12 +107,35 @@ def prior_shift(class_weights: Sequence[float], alpha: float) -> np.ndarray:
     return (-float(alpha) * np.log(w)).astype(np.float32)
 
 
-def _dice_present(pred: np.ndarray, gt: np.ndarray) -> float:
-    out = []
+def _dice_per_class(pred: np.ndarray, gt: np.ndarray) -> dict[int, float]:
+    """Dice of each class present in ``gt``."""
+    out = {}
     for c in np.unique(gt):
         p, g = pred == c, gt == c
-        out.append(2.0 * np.sum(p & g) / max(int(p.sum() + g.sum()), 1))
-    return float(np.mean(out))
+        out[int(c)] = 2.0 * np.sum(p & g) / max(int(p.sum() + g.sum()), 1)
+    return out
+
+
+#: how :func:`class_bias_ascent` averages Dice over tomograms and classes
+OBJECTIVES: tuple[str, ...] = ("tomogram", "class")
+
+
+def pooled_dice(per_tomogram: Sequence[dict[int, float]], objective: str = "class") -> float:
+    """One score from per-tomogram, per-class Dice (:func:`_dice_per_class`).
+
+    ``"tomogram"``: the mean over tomograms of each one's mean over its present classes (a
+    class found in few tomograms weighs little). ``"class"``: the mean over classes of each
+    class' mean Dice over the tomograms where it is present, so every class weighs the
+    same however many tomograms hold it (the per-class targets are stated this way)."""
+    if objective == "tomogram":
+        return float(np.mean([np.mean(list(d.values())) for d in per_tomogram]))
+    if objective != "class":
+        raise InputError(f"objective: expected one of {list(OBJECTIVES)}, got {objective!r}")
+    by_class: dict[int, list[float]] = {}
+    for d in per_tomogram:
+        for c, v in d.items():
+            by_class.setdefault(c, []).append(v)
+    return float(np.mean([np.mean(v) for v in by_class.values()]))
 
 
 def _part_outputs(
@@ -144,13 +172,15 @@ def calibrate_semantic_prior(
     alphas: Sequence[float] = PRIOR_ALPHAS,
     progress: bool = True,
     predictions: Sequence[Any] | None = None,
+    objective: str = "class",
 ) -> tuple[float, pd.DataFrame]:
     """Choose α of the class-weight prior correction on **validation** tomograms.
 
     Needs ``model.metadata["training"]["class_weights"]["semantic"]`` (the weights the last
-    training stage used). Each α is scored by the semantic Dice over the classes present,
-    averaged over ``tomograms`` (one ``tl.predict`` pass each; the shift is applied to the
-    predicted log-probabilities, which is exact for the argmax). Returns the best α and the
+    training stage used). Each α is scored by the semantic Dice of the classes present,
+    pooled over ``tomograms`` by ``objective`` (:func:`pooled_dice`; one ``tl.predict``
+    pass each; the shift is applied to the predicted log-probabilities, which is exact for
+    the argmax). Returns the best α and the
     table (one row per α, best first); on a tie the smaller α wins. Does not change
     ``model``: apply the result with ``shift_logits(model, prior_shift(w, alpha))``.
     ``predictions``: the computed ``tl.predict`` Datasets of ``tomograms``, if already made.
@@ -162,11 +192,11 @@ def calibrate_semantic_prior(
     rows = []
     for a in alphas:
         b = prior_shift(cw, a)[:, None, None, None]
-        scores = [
-            _dice_present(np.argmax(lp + b, axis=0), np.asarray(t.labels["semantic"]))
+        per = [
+            _dice_per_class(np.argmax(lp + b, axis=0), np.asarray(t.labels["semantic"]))
             for lp, t in zip(logp, tomograms)
         ]
-        rows.append({"alpha": float(a), "semantic_dice": float(np.mean(scores))})
+        rows.append({"alpha": float(a), "semantic_dice": pooled_dice(per, objective)})
     table = pd.DataFrame(rows).sort_values(
         ["semantic_dice", "alpha"], ascending=[False, True], kind="stable"
     )
@@ -209,8 +239,10 @@ def class_bias_ascent(
     steps: Sequence[float] = CLASS_BIAS_STEPS,
     rounds: int = 2,
     min_sizes: Sequence[int] = (),
+    objective: str = "class",
 ) -> tuple[np.ndarray, pd.DataFrame]:
-    """Per-class logit offsets that maximise the mean Dice of the classes present.
+    """Per-class logit offsets that maximise the Dice of the classes present, pooled over
+    tomograms by ``objective`` (:func:`pooled_dice`).
 
     Coordinate ascent: each round visits classes 1, 2, … in turn (class 0, background,
     stays at 0: only differences between logits matter) and keeps the move from ``steps``
@@ -230,10 +262,12 @@ def class_bias_ascent(
     def argmaxes(b: np.ndarray) -> list[np.ndarray]:
         return [np.argmax(lp + b[:, None, None, None], axis=0) for lp in log_probabilities]
 
+    if objective not in OBJECTIVES:
+        raise InputError(f"objective: expected one of {list(OBJECTIVES)}, got {objective!r}")
+
     def score(pred: list[np.ndarray], sizes: list[int]) -> float:
-        return float(
-            np.mean([_dice_present(_drop_small(p, sizes), g) for p, g in zip(pred, labels)])
-        )
+        per = [_dice_per_class(_drop_small(p, sizes), g) for p, g in zip(pred, labels)]
+        return pooled_dice(per, objective)
 
     bias = np.zeros(log_probabilities[0].shape[0], np.float32)
     sizes = [0] * len(bias)
@@ -289,6 +323,7 @@ def calibrate_class_bias(
     progress: bool = True,
     predictions: Sequence[Any] | None = None,
     min_sizes: Sequence[int] = (),
+    objective: str = "class",
 ) -> tuple[np.ndarray, pd.DataFrame]:
     """Choose a per-class offset of the semantic logits on **validation** tomograms.
 
@@ -296,7 +331,8 @@ def calibrate_class_bias(
     α prior correction, :func:`prior_shift`) added to their logits; the offsets come on top
     of it. ``predictions``: the computed ``tl.predict`` Datasets of ``tomograms``, if
     already made. ``min_sizes``: also choose each class' minimum component size (the
-    table's last ``min_size``; see :func:`class_bias_ascent`). Does not change ``model``:
+    table's last ``min_size``; see :func:`class_bias_ascent`). ``objective``: how Dice is
+    pooled over tomograms (:func:`pooled_dice`). Does not change ``model``:
     apply the result with ``shift_logits(model, base_shift + bias)``.
     """
     logp = _semantic_log_probabilities(model, tomograms, progress, predictions)
@@ -304,7 +340,7 @@ def calibrate_class_bias(
         b = np.asarray(base_shift, np.float32)[:, None, None, None]
         logp = [lp + b for lp in logp]
     truth = [t.labels["semantic"] for t in tomograms]
-    return class_bias_ascent(logp, truth, steps, rounds, min_sizes)
+    return class_bias_ascent(logp, truth, steps, rounds, min_sizes, objective)
 
 
 def calibrate_lamella_threshold(

@@ -35,6 +35,7 @@ __all__ = [
     "finish_shipped_multitask",
     "STRUCTURES",
     "calibration_set",
+    "recipe_validation_set",
 ]
 
 #: extra structure counts per (256 nm)² for the general sample: every class occurs
@@ -67,8 +68,15 @@ STRUCTURES = {"general": {"vesicles": 6.0, "sheets": 2.0, "microtubules": 6.0, "
 #: There the new p(microtubule) separates better (AUC 0.900 vs 0.888, best-threshold Dice
 #: 0.45 vs 0.42): the calibrated argmax under-calls it (offset +1: 0.41). Two thick
 #: general tomograms (seeds 7105, 7106, one with a microtubule) added to the calibration
-#: pool left the microtubule offset at 0 (the ascent maximises the pool's mean Dice, where
-#: one microtubule tomogram weighs little) and the instance settings unchanged.
+#: pool left the microtubule offset at 0 and the instance settings unchanged. The cause was
+#: the pool, not the count: half of the stages' small, rescaled, varied-SNR validation
+#: tomograms hold microtubules the argmax already calls. Since 2026-12-07 the semantic
+#: calibration uses :func:`calibration_set` alone, each class weighed alike
+#: (``objective="class"``): on validation tomograms 7201–7216 (16; 6 of the thick ones
+#: with microtubules; offline argmax + minimum sizes) semantic 0.649 vs 0.637, microtubule
+#: 0.557 vs 0.450, particle 0.764 vs 0.736, actin 0.156 vs 0.164, DNA 0.164 vs 0.163.
+#: The whole pool with ``"class"``: 0.641 / microtubule 0.449; the calibration set with
+#: ``"tomogram"``: 0.643 / 0.525, actin 0.138.
 STAGES = ("stage2", "stage3", "stage5", "stage6", "stage9", "stage10")
 #: stages that run only when named (``--stages``): measured, not part of the shipped chain.
 #: ``stage4`` (the whole network with small particles up-weighted, 24 epochs at lr 5e-4
@@ -105,17 +113,33 @@ OPTIONAL_STAGES = ("stage4", "stage7", "stage8")
 _ALL_STAGES = STAGES + OPTIONAL_STAGES
 
 
-def _simulated(mc: dict[str, Any], prefix: str, progress: bool) -> list:
-    """The recipe's training (``prefix=""``) or validation (``"val_"``) tomograms."""
+def _simulated(st: dict[str, Any], prefix: str, progress: bool) -> list:
+    """The training (``prefix=""``) or validation (``"val_"``) tomograms of the stage whose
+    settings are ``st`` (stage 1's: ``cfg["multitask"]``; a later stage's: stage 1's
+    updated with the stage's own)."""
     return varied_training_set(
-        mc[f"{prefix}n"],
-        mc[f"{prefix}shape"],
-        mc[f"{prefix}seed"],
-        voxel_range=tuple(mc["voxel_range"]),
-        structures=STRUCTURES,
-        mode=mc.get("mode", "tilt"),
+        st[f"{prefix}n"],
+        st[f"{prefix}shape"],
+        st[f"{prefix}seed"],
+        voxel_range=tuple(st["voxel_range"]),
+        structures=st.get("structures", STRUCTURES),
+        mode=st.get("mode", "tilt"),
+        snr_range=tuple(st["snr_range"]) if st.get("snr_range") else None,
         progress=progress,
     )
+
+
+def recipe_validation_set(mc: dict[str, Any], progress: bool = True) -> list:
+    """The validation tomograms of stage 1 and of every stage in :data:`STAGES` (a
+    repeated stage's once): with :func:`calibration_set`, the pool the recipe calibrates
+    on, however the checkpoint was reached (the whole recipe, ``--stages`` or
+    ``--calibrate-only``)."""
+    val = _simulated(mc, "val_", progress)
+    for name in STAGES:
+        st = {**mc, **mc.get(name, {})}
+        if mc.get(name) and st.get("epochs"):
+            val = _new_tomograms(val, _simulated(st, "val_", progress))
+    return val
 
 
 def calibration_set(mc: dict[str, Any], progress: bool = True) -> list:
@@ -286,7 +310,8 @@ def _card(path: Path, model: Any, mc: dict[str, Any], command: str, metrics: dic
             [
                 "- Semantic prior correction (`training.calibration`): the logits' bias is "
                 f"shifted by −α·log(class weight), α = {md['semantic_prior']['alpha']} chosen "
-                "on the validation tomograms (mean Dice of the classes present): "
+                "on the `calibration_set` tomograms (each class' Dice averaged over the "
+                "tomograms that hold it, then over classes): "
                 + ", ".join(
                     f"α {r['alpha']}: {r['semantic_dice']:.3f}"
                     for r in sorted(md["semantic_prior"]["table"], key=lambda r: r["alpha"])
@@ -315,10 +340,11 @@ def _card(path: Path, model: Any, mc: dict[str, Any], command: str, metrics: dic
             if md.get("semantic_defaults")
             else []
         ),
-        "- Calibration tomograms: the validation tomograms above plus "
+        f"- Calibration tomograms (`calibration_set`): "
         f"{len((mc.get('calibration_val') or {}).get('seeds', ()))} with the simulator's "
-        f"default imaging (`calibration_set`: `{json.dumps(mc.get('calibration_val'))}`)",
-        "- Lamella mask threshold chosen on the validation tomograms (Dice of "
+        f"default imaging, `{json.dumps(mc.get('calibration_val'))}`",
+        "- Lamella mask threshold chosen on the validation tomograms above plus the "
+        "`calibration_set` ones (Dice of "
         "`tl.lamella_mask` against the true sample): "
         f"`{json.dumps(md.get('lamella_defaults', {}))}` — pass it to `tl.lamella_mask` as "
         "`**model.metadata['lamella_defaults']` (the demo and workflow do)",
@@ -441,19 +467,7 @@ def train_stage(
     if not mc.get(name) or not st.get("epochs"):
         return []
     t_start = time.perf_counter()
-    sims = [
-        varied_training_set(
-            st[f"{p}n"],
-            st[f"{p}shape"],
-            st[f"{p}seed"],
-            voxel_range=tuple(st["voxel_range"]),
-            structures=st.get("structures", STRUCTURES),
-            mode=st.get("mode", "tilt"),
-            snr_range=tuple(st["snr_range"]) if st.get("snr_range") else None,
-            progress=progress,
-        )
-        for p in ("", "val_")
-    ]
+    sims = [_simulated(st, p, progress) for p in ("", "val_")]
     first = models.load(path)
     old = first.metadata.pop("semantic_prior", {}).get("shift")
     if old:  # train the raw logits, not the calibrated ones
@@ -512,8 +526,9 @@ def continue_shipped_multitask(
     resume: bool = False,
 ) -> dict[str, float]:
     """Run only the continuation ``stages`` (names in :data:`STAGES` or
-    :data:`OPTIONAL_STAGES`) on the existing
-    ``out/tiny-multitask.pt``, then re-tune its instance defaults and rewrite its card."""
+    :data:`OPTIONAL_STAGES`) on the existing ``out/tiny-multitask.pt``, then re-calibrate
+    it on the same pool as the whole recipe (:func:`recipe_validation_set` plus
+    :func:`calibration_set`) and rewrite its card."""
     path = out / "tiny-multitask.pt"
     unknown = [s for s in stages if s not in _ALL_STAGES]
     if unknown:
@@ -521,7 +536,9 @@ def continue_shipped_multitask(
     if not path.exists():
         raise InputError(f"{path}: no checkpoint to continue; train stage 1 first")
     mc = dict(cfg["multitask"])
-    val = _simulated(mc, "val_", progress)
+    # the pool the whole recipe calibrates on: stage 1's and every chained stage's
+    # validation tomograms (an optional stage run here adds its own)
+    val = recipe_validation_set(mc, progress)
     for name in stages:
         val = _new_tomograms(val, train_stage(path, cfg, name, progress, resume))
     cmd = (
@@ -545,16 +562,18 @@ def finish_shipped_multitask(
 ) -> dict[str, float]:
     """Calibrate the checkpoint on validation tomograms and write the model card.
 
-    The validation tomograms (``val``: the stages' own) plus :func:`calibration_set` (the
-    simulator's default imaging) are used to (1) choose the semantic prior correction α
+    On :func:`calibration_set` (the simulator's default imaging at a realistic size; all
+    tomograms when it is empty): (1) the semantic prior correction α
     (:func:`~cryosiam_nb.training.calibration.calibrate_semantic_prior`, when the last
     stage used CE class weights) and per-class offsets on top of it
-    (:func:`~cryosiam_nb.training.calibration.calibrate_class_bias`), both folded into the
-    semantic logits' bias and recorded in ``metadata["semantic_prior"]`` (a previous
-    correction is undone first), with the per-class minimum component sizes of
-    ``tl.postprocess_semantic`` chosen in the same ascent (``metadata["semantic_defaults"]``),
-    (2) the lamella threshold, then (3) tune the instance post-processing on
-    :func:`calibration_set` alone (all tomograms when it is empty), stored in
+    (:func:`~cryosiam_nb.training.calibration.calibrate_class_bias`), both chosen with each
+    class weighed alike (objective ``"class"``), folded into the semantic logits' bias and
+    recorded in ``metadata["semantic_prior"]`` (a previous correction is undone first),
+    with the per-class minimum component sizes of ``tl.postprocess_semantic`` chosen in the
+    same ascent (``metadata["semantic_defaults"]``); (3) the instance post-processing,
+    stored in ``metadata["instance_defaults"]``. On those plus the validation tomograms
+    (``val``: the stages' own, :func:`recipe_validation_set` when None): (2) the lamella
+    threshold.
     ``metadata["instance_defaults"]``.
     """
     from cryosiam_nb import models
@@ -571,7 +590,7 @@ def finish_shipped_multitask(
 
     mc = dict(cfg["multitask"])
     if val is None:
-        val = _simulated(mc, "val_", progress)
+        val = recipe_validation_set(mc, progress)
     cal = calibration_set(mc, progress)
     val = list(val) + cal
     model = models.load(path)
@@ -583,22 +602,27 @@ def finish_shipped_multitask(
     # one prediction pass serves all three calibrations: the semantic shift below moves
     # only the semantic logits, not the lamella and instance heads read afterwards
     preds = [predict(t.image, model).compute() for t in val]
+    # the semantic and instance post-processing are chosen on the calibration set alone
+    # (realistic size, default imaging): on the stages' small, rescaled, varied-SNR
+    # validation tomograms the semantic offsets under-called microtubules on thick
+    # tomograms and the instance settings lost small particles (see STAGES)
+    pool = slice(len(val) - len(cal), None) if cal else slice(None)
     if cw:
         alpha, prior_table = calibrate_semantic_prior(
-            model, val, progress=progress, predictions=preds
+            model, val[pool], progress=progress, predictions=preds[pool]
         )
-        print("semantic prior correction on validation tomograms (best first):")
+        print("semantic prior correction on the calibration tomograms (best first):")
         print(prior_table.to_string(index=False))
         base = prior_shift(cw, alpha)
         bias, bias_table = calibrate_class_bias(
             model,
-            val,
+            val[pool],
             base_shift=base,
             progress=progress,
-            predictions=preds,
+            predictions=preds[pool],
             min_sizes=SEMANTIC_MIN_SIZES,
         )
-        print("per-class logit offsets on validation tomograms (accepted moves):")
+        print("per-class logit offsets on the calibration tomograms (accepted moves):")
         print(bias_table.to_string(index=False))
         shift = base + bias
         shift_logits(model, shift)
@@ -618,10 +642,6 @@ def finish_shipped_multitask(
     print("lamella mask threshold on validation tomograms (best first):")
     print(lam_table.to_string(index=False))
     model.metadata["lamella_defaults"] = {"threshold": lam_thr}
-    # the instance post-processing is chosen on the calibration set alone (realistic size,
-    # default imaging): the stages' small, varied-SNR validation tomograms pulled it to
-    # settings that lost small particles on validation tomograms 7201–7205 (see STAGES)
-    pool = slice(len(val) - len(cal), None) if cal else slice(None)
     best, table = tune_instance_defaults(
         model, val[pool], progress=progress, predictions=preds[pool]
     )

@@ -306,11 +306,12 @@ def test_every_recipe_stage_has_settings_and_a_card_note():
     """``--stages NAME`` must not fail at the card after training: each stage the recipe
     offers has its settings and the sentence the model card prints for it."""
     from cryosiam_nb.training import multitask_recipe
+    from cryosiam_nb.training.multitask_card import STAGE_NOTES
     from cryosiam_nb.training.recipe import RECIPE
 
     for name in multitask_recipe.STAGES + multitask_recipe.OPTIONAL_STAGES:
         assert RECIPE["multitask"].get(name, {}).get("epochs"), name
-        assert multitask_recipe.STAGE_NOTES.get(name), name
+        assert STAGE_NOTES.get(name), name
 
 
 def test_recipe_continues_the_shipped_model_with_a_stage_and_leaves_no_side_files(tmp_path):

@@ -520,9 +520,9 @@ def test_recipe_calibrate_only_replaces_the_prior_correction_instead_of_stacking
         return real_tune(model, tomograms, **kw)
 
     monkeypatch.setattr(multitask_recipe, "tune_instance_defaults", recording_tune)
-    # so are the semantic offsets; the lamella threshold sees the whole recipe's pool,
-    # however the weights came about: stage 1's and every chained stage's validation
-    # tomograms plus the calibration set (not stage 1's alone under --calibrate-only)
+    # the semantic offsets and the lamella threshold see the whole recipe's pool, however
+    # the weights came about: stage 1's and every chained stage's validation tomograms plus
+    # the calibration set (not stage 1's alone under --calibrate-only)
     seen: dict[str, list[list[str]]] = {
         "calibrate_class_bias": [],
         "calibrate_lamella_threshold": [],
@@ -564,7 +564,7 @@ def test_recipe_calibrate_only_replaces_the_prior_correction_instead_of_stacking
     mc = recipe.QUICK["multitask"]
     pool = [t.name for t in multitask_recipe.recipe_validation_set(mc, False)] + cal
     assert seen["calibrate_lamella_threshold"] == [pool, pool]
-    assert seen["calibrate_class_bias"] == [cal, cal]
+    assert seen["calibrate_class_bias"] == [pool, pool]
     # more than stage 1's own: the low-SNR stages' validation tomograms differ from it
     assert len(pool) - len(cal) > mc["val_n"]
     # the same calibration data choose the same α: the bias must not move the second time

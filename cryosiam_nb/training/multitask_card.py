@@ -132,8 +132,8 @@ def _card(path: Path, model: Any, mc: dict[str, Any], command: str, metrics: dic
             [
                 "- Semantic prior correction (`training.calibration`): the logits' bias is "
                 f"shifted by −α·log(class weight), α = {md['semantic_prior']['alpha']} chosen "
-                "on the `calibration_set` tomograms (each class' Dice averaged over the "
-                "tomograms that hold it, then over classes): "
+                "on the calibration tomograms listed below (each class' Dice averaged over "
+                "the tomograms that hold it, then over classes): "
                 + ", ".join(
                     f"α {r['alpha']}: {r['semantic_dice']:.3f}"
                     for r in sorted(md["semantic_prior"]["table"], key=lambda r: r["alpha"])
@@ -162,11 +162,11 @@ def _card(path: Path, model: Any, mc: dict[str, Any], command: str, metrics: dic
             if md.get("semantic_defaults")
             else []
         ),
-        f"- Calibration tomograms (`calibration_set`): "
+        "- Calibration tomograms: the validation tomograms above (stage 1's and every "
+        "chained stage's) plus "
         f"{len((mc.get('calibration_val') or {}).get('seeds', ()))} with the simulator's "
-        f"default imaging, `{json.dumps(mc.get('calibration_val'))}`",
-        "- Lamella mask threshold chosen on the validation tomograms above plus the "
-        "`calibration_set` ones (Dice of "
+        f"default imaging (`calibration_set`: `{json.dumps(mc.get('calibration_val'))}`)",
+        "- Lamella mask threshold chosen on the calibration tomograms (Dice of "
         "`tl.lamella_mask` against the true sample): "
         f"`{json.dumps(md.get('lamella_defaults', {}))}` — pass it to `tl.lamella_mask` as "
         "`**model.metadata['lamella_defaults']` (the demo and workflow do)",

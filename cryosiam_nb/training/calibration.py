@@ -120,6 +120,11 @@ def _dice_per_class(pred: np.ndarray, gt: np.ndarray) -> dict[int, float]:
 OBJECTIVES: tuple[str, ...] = ("tomogram", "class")
 
 
+def _check_objective(objective: str) -> None:
+    if objective not in OBJECTIVES:
+        raise InputError(f"objective: expected one of {list(OBJECTIVES)}, got {objective!r}")
+
+
 def pooled_dice(per_tomogram: Sequence[dict[int, float]], objective: str = "class") -> float:
     """One score from per-tomogram, per-class Dice (:func:`_dice_per_class`).
 
@@ -127,10 +132,9 @@ def pooled_dice(per_tomogram: Sequence[dict[int, float]], objective: str = "clas
     class found in few tomograms weighs little). ``"class"``: the mean over classes of each
     class' mean Dice over the tomograms where it is present, so every class weighs the
     same however many tomograms hold it (the per-class targets are stated this way)."""
+    _check_objective(objective)
     if objective == "tomogram":
         return float(np.mean([np.mean(list(d.values())) for d in per_tomogram]))
-    if objective != "class":
-        raise InputError(f"objective: expected one of {list(OBJECTIVES)}, got {objective!r}")
     by_class: dict[int, list[float]] = {}
     for d in per_tomogram:
         for c, v in d.items():
@@ -188,6 +192,7 @@ def calibrate_semantic_prior(
     cw = (model.metadata.get("training", {}).get("class_weights") or {}).get("semantic")
     if not cw:
         raise InputError("model: trained without semantic class weights; nothing to calibrate")
+    _check_objective(objective)  # before the prediction passes
     logp = _semantic_log_probabilities(model, tomograms, progress, predictions)
     rows = []
     for a in alphas:
@@ -262,8 +267,7 @@ def class_bias_ascent(
     def argmaxes(b: np.ndarray) -> list[np.ndarray]:
         return [np.argmax(lp + b[:, None, None, None], axis=0) for lp in log_probabilities]
 
-    if objective not in OBJECTIVES:
-        raise InputError(f"objective: expected one of {list(OBJECTIVES)}, got {objective!r}")
+    _check_objective(objective)
 
     def score(pred: list[np.ndarray], sizes: list[int]) -> float:
         per = [_dice_per_class(_drop_small(p, sizes), g) for p, g in zip(pred, labels)]
@@ -335,6 +339,7 @@ def calibrate_class_bias(
     pooled over tomograms (:func:`pooled_dice`). Does not change ``model``:
     apply the result with ``shift_logits(model, base_shift + bias)``.
     """
+    _check_objective(objective)  # before the prediction passes
     logp = _semantic_log_probabilities(model, tomograms, progress, predictions)
     if base_shift is not None:
         b = np.asarray(base_shift, np.float32)[:, None, None, None]

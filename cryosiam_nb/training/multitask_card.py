@@ -78,10 +78,16 @@ def _hand_section(path: Path) -> list[str]:
     return lines[start:end]
 
 
-def _card(path: Path, model: Any, mc: dict[str, Any], command: str, metrics: dict) -> None:
-    """Write the model card of ``model`` (recipe settings ``mc``) to ``path``."""
-    from .multitask_recipe import STRUCTURES
-
+def _card(
+    path: Path,
+    model: Any,
+    mc: dict[str, Any],
+    command: str,
+    metrics: dict,
+    structures: dict[str, dict[str, float]],
+) -> None:
+    """Write the model card of ``model`` (recipe settings ``mc``, stage 1's extra
+    ``structures`` per sample) to ``path``."""
     md = model.metadata
     tr = md.get("training", {})
     runs = md.get("commands") or []
@@ -104,7 +110,7 @@ def _card(path: Path, model: Any, mc: dict[str, Any], command: str, metrics: dic
         f"{tuple(mc['voxel_range'])})` — samples general/general/transcription/chromatin, "
         f"voxel size drawn in {tuple(mc['voxel_range'])} Å and rescaled to 10 Å, thickness "
         "45–90 % of the volume, defocus 2–5 µm, dose 60–140 e⁻/Å², crowding 0.15–0.35, "
-        f"tilt-series imaging; extra structures {STRUCTURES}",
+        f"tilt-series imaging; extra structures {structures}",
         f"- Validation: {mc['val_n']} tomograms, shape {tuple(mc['val_shape'])}, seeds "
         f"{mc['val_seed']}+i (never trained on)",
         f"- Backbone initialised from `{mc.get('backbone')}`; whole network trained",

@@ -137,10 +137,17 @@ def recipe_validation_set(mc: dict[str, Any], progress: bool = True) -> list:
     ``--calibrate-only``)."""
     val = _simulated(mc, "val_", progress)
     for name in STAGES:
-        st = {**mc, **mc.get(name, {})}
-        if mc.get(name) and st.get("epochs"):
+        st = _stage_settings(mc, name)
+        if st:
             val = _new_tomograms(val, _simulated(st, "val_", progress))
     return val
+
+
+def _stage_settings(mc: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """Stage ``name``'s settings (stage 1's updated with its own), or None when the recipe
+    ``mc`` has no such stage or gives it no epochs."""
+    st = {**mc, **mc.get(name, {})}
+    return st if mc.get(name) and st.get("epochs") else None
 
 
 def calibration_set(mc: dict[str, Any], progress: bool = True) -> list:
@@ -285,8 +292,8 @@ def train_stage(
     from cryosiam_nb import models
 
     mc = dict(cfg["multitask"])
-    st = {**mc, **mc.get(name, {})}
-    if not mc.get(name) or not st.get("epochs"):
+    st = _stage_settings(mc, name)
+    if not st:
         return []
     t_start = time.perf_counter()
     sims = [_simulated(st, p, progress) for p in ("", "val_")]
@@ -478,5 +485,5 @@ def finish_shipped_multitask(
     stamp = time.strftime("%Y-%m-%d", time.gmtime())
     model.metadata["commands"] = [*model.metadata.get("commands", []), f"{stamp} `{command}`"]
     _save_with_metadata(model, path)
-    _card(path.with_suffix(".md"), model, mc, command, metrics)
+    _card(path.with_suffix(".md"), model, mc, command, metrics, STRUCTURES)
     return metrics

@@ -6,6 +6,7 @@ import dask
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 
 from cryosiam_nb import models, tl
 from cryosiam_nb.constants import HEAD_TASKS
@@ -338,7 +339,7 @@ def test_stage_trains_the_raw_logits_not_the_calibrated_ones(tmp_path):
     """A continuation stage undoes the shipped model's semantic prior correction first."""
     import shutil
 
-    from cryosiam_nb.training.calibration import _logit_layer
+    from cryosiam_nb.models.logits import logit_layer as _logit_layer
     from cryosiam_nb.training.multitask_recipe import train_stage
     from cryosiam_nb.training.recipe import QUICK, _overridden
 
@@ -378,6 +379,83 @@ def test_shift_logits_adds_the_shift_to_the_semantic_logits_only(task):
             torch.testing.assert_close(after[k], before[k])
     with pytest.raises(InputError, match="fewer channels"):
         shift_logits(m, np.zeros(40))
+
+
+def test_voxel_size_offsets_interpolate_between_sizes_and_hold_at_the_ends():
+    from cryosiam_nb.models.logits import voxel_size_offsets
+
+    table = {"voxel_size": [8.0, 10.0, 14.0], "offset": [[0, 1, 0], [0, 0, 2], [0, -1, 0]]}
+    np.testing.assert_allclose(voxel_size_offsets(table, 10.0), [0, 0, 2])
+    np.testing.assert_allclose(voxel_size_offsets(table, 9.0), [0, 0.5, 1])
+    np.testing.assert_allclose(voxel_size_offsets(table, 13.0), [0, -0.75, 0.5])
+    np.testing.assert_allclose(voxel_size_offsets(table, 5.0), [0, 1, 0])  # below: 8 Å's
+    np.testing.assert_allclose(voxel_size_offsets(table, 30.0), [0, -1, 0])  # above: 14 Å's
+    with pytest.raises(InputError, match="increase"):
+        voxel_size_offsets({"voxel_size": [10.0, 8.0], "offset": [[0], [1]]}, 9.0)
+    with pytest.raises(InputError, match="'offset'"):
+        voxel_size_offsets({"voxel_size": [10.0], "offset": [[0], [1]]}, 9.0)
+    with pytest.raises(InputError, match="positive"):
+        voxel_size_offsets(table, 0.0)
+
+
+def test_predict_adds_the_offsets_for_the_voxel_size_the_data_was_acquired_at():
+    """A model with per-voxel-size semantic offsets gets those of the input's acquisition
+    voxel size: ``pp.rescale``'s ``rescaled_from``, else the data's own, else the model's.
+    The caller's model is never changed."""
+    from cryosiam_nb import pp
+    from cryosiam_nb.models.logits import logit_layer
+
+    m = _model(5)
+    m.voxel_size = 10.0
+    plain = _model(5)
+    plain.voxel_size = 10.0
+    big = [0.0, 0.0, 0.0, 0.0, 60.0, 0.0]  # actin everywhere
+    m.metadata["semantic_prior"] = {
+        "by_voxel_size": {"voxel_size": [10.0, 14.0], "offset": [[0.0] * 6, big]}
+    }
+    conv, off = logit_layer(m, "semantic")
+    bias = conv.bias.detach().clone()
+    at14 = xr.DataArray(_vol((17, 29, 29), seed=2), dims=("z", "y", "x"))
+    at14.attrs["voxel_size"] = 14.0
+    x = pp.rescale(at14, 10.0)  # attrs["rescaled_from"] = 14
+    assert x.attrs["rescaled_from"] == 14.0
+    ds = predict(x, m, patch_size=16, precision="float32").compute()
+    assert ds.attrs["semantic_offsets_voxel_size"] == 14.0
+    assert ds.attrs["semantic_offsets"] == big
+    assert (ds["semantic_labels"].values == 4).all()
+    torch.testing.assert_close(conv.bias.detach(), bias)  # the caller's model untouched
+    # the same voxels acquired at 10 Å (no rescaled_from; a bare array: the model's 10 Å):
+    # zero offsets, the plain model's output, and other heads are never shifted
+    ref = predict(x.values, plain, patch_size=16, precision="float32").compute()
+    for data in (x.values, xr.DataArray(x.values, dims=("z", "y", "x"), attrs={"voxel_size": 10})):
+        out = predict(data, m, patch_size=16, precision="float32").compute()
+        assert out.attrs["semantic_offsets"] == [0.0] * 6
+        np.testing.assert_array_equal(out["semantic_labels"].values, ref["semantic_labels"].values)
+    np.testing.assert_array_equal(ds["lamella_labels"].values, ref["lamella_labels"].values)
+    # 12 Å: halfway, actin logits +30 — still actin everywhere
+    at12 = xr.DataArray(x.values, dims=("z", "y", "x"), attrs={"voxel_size": 12.0})
+    out = predict(at12, m, patch_size=16, precision="float32").compute()
+    assert out.attrs["semantic_offsets"][4] == 30.0
+    # without a table nothing is recorded
+    assert "semantic_offsets" not in ref.attrs
+
+
+def test_voxel_size_offsets_are_chosen_per_size_with_the_minimum_sizes_fixed():
+    from cryosiam_nb.training.calibration import class_bias_ascent
+
+    rng = np.random.default_rng(0)
+    gt = np.zeros((12, 12, 12), np.int64)
+    gt[2:6, 2:10, 2:10] = 1
+    lp = np.log(np.full((2, *gt.shape), 0.5, np.float32))
+    lp[1] += np.where(gt == 1, 0.3, -0.3) - 0.6 + 0.05 * rng.standard_normal(gt.shape)
+    bias, table = class_bias_ascent([lp], [gt], start_min_size=[0, 600])
+    # a minimum size above the class' largest component keeps it off whatever the offset:
+    # the sizes are fixed (not chosen) when no ``min_sizes`` are given
+    assert table.iloc[-1]["min_size"] == [0, 600] and len(table) == 1
+    bias, table = class_bias_ascent([lp], [gt], start_min_size=[0, 0])
+    assert bias[1] > 0 and table.iloc[-1]["semantic_dice"] == 1.0
+    with pytest.raises(InputError, match="start_min_size"):
+        class_bias_ascent([lp], [gt], start_min_size=[0])
 
 
 def test_semantic_prior_is_calibrated_on_validation_tomograms():
@@ -507,8 +585,9 @@ def test_recipe_calibrate_only_replaces_the_prior_correction_instead_of_stacking
 ):
     import shutil
 
+    from cryosiam_nb.models.logits import logit_layer as _logit_layer
     from cryosiam_nb.training import calibration, multitask_recipe, recipe
-    from cryosiam_nb.training.calibration import SEMANTIC_MIN_SIZES, _logit_layer
+    from cryosiam_nb.training.calibration import SEMANTIC_MIN_SIZES
 
     # the instance post-processing is chosen on the calibration set alone (default
     # imaging, realistic size), not on the stages' small varied-SNR validation tomograms
@@ -539,6 +618,15 @@ def test_recipe_calibrate_only_replaces_the_prior_correction_instead_of_stacking
 
     for name in seen:
         monkeypatch.setattr(calibration, name, recording(name))
+    # the per-voxel-size offsets see the voxel_calibration scenes acquired at each size
+    per_size: list[dict[float, list[str]]] = []
+    real_vs = calibration.calibrate_voxel_size_offsets
+
+    def recording_vs(model, by_voxel_size, min_size, **kw):
+        per_size.append({v: [t.name for t in ts] for v, ts in by_voxel_size.items()})
+        return real_vs(model, by_voxel_size, min_size, **kw)
+
+    monkeypatch.setattr(calibration, "calibrate_voxel_size_offsets", recording_vs)
     shutil.copy(models.WEIGHTS_DIR / "tiny-multitask.pt", tmp_path / "tiny-multitask.pt")
     argv = ["--quick", "--only", "multitask", "--out", str(tmp_path), "--no-progress"]
     biases, runs = [], []
@@ -559,6 +647,13 @@ def test_recipe_calibrate_only_replaces_the_prior_correction_instead_of_stacking
         assert 0.5 <= m.metadata["lamella_defaults"]["threshold"] <= 0.9
         sizes = m.metadata["semantic_defaults"]["min_size"]
         assert len(sizes) == 6 and set(sizes) <= set(SEMANTIC_MIN_SIZES)
+        table = prior["by_voxel_size"]
+        assert table["voxel_size"] == [10.0, 14.0]
+        assert all(len(o) == 6 and o[0] == 0.0 for o in table["offset"])
+        assert all(d1 >= d0 for d0, d1 in zip(table["dice_before"], table["dice"]))
+    assert len(per_size) == 2 and per_size[0] == per_size[1]
+    assert per_size[0][10.0] == ["sim_7101_general_default"]
+    assert per_size[0][14.0] == ["sim_7101_general_default_14A"]
     cal = [t.name for t in multitask_recipe.calibration_set(recipe.QUICK["multitask"], False)]
     assert cal and tuned_on == [cal, cal]
     mc = recipe.QUICK["multitask"]

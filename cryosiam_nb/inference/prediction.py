@@ -62,7 +62,8 @@ from cryosiam_nb.inference._windows import (
 )
 from cryosiam_nb.inference.grid import grid_coords, grid_voxel_size
 from cryosiam_nb.inference.outputs import outputs_of
-from cryosiam_nb.io import InputError, as_volume, atomic_path
+from cryosiam_nb.io import InputError, as_volume, atomic_path, voxel_size_of
+from cryosiam_nb.models.logits import at_voxel_size
 
 __all__ = [
     "predict",
@@ -109,6 +110,23 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _as_dask(arr: np.ndarray | da.Array, chunks: tuple[int, int, int]) -> da.Array:
     return arr if isinstance(arr, da.Array) else da.from_array(np.asarray(arr), chunks=chunks)
+
+
+def _calibrated_for(model: torch.nn.Module, data: Any) -> tuple[Any, Any, float | None]:
+    """``model`` with the semantic offsets of its ``by_voxel_size`` table for the voxel size
+    ``data`` was acquired at (:func:`~cryosiam_nb.models.logits.at_voxel_size`), the
+    offsets (``None`` without a table) and that voxel size (Å): ``attrs["rescaled_from"]``
+    (set by ``pp.rescale``), else the data's own voxel size, else the model's."""
+    md = getattr(model, "metadata", None) or {}
+    if not (md.get("semantic_prior") or {}).get("by_voxel_size"):
+        return model, None, None
+    attrs = getattr(data, "attrs", {}) or {}
+    acquired = attrs.get("rescaled_from") or voxel_size_of(data)
+    acquired = acquired or getattr(model, "voxel_size", None) or md.get("voxel_size")
+    if not acquired:
+        return model, None, None
+    shifted, off = at_voxel_size(model, float(acquired))
+    return shifted, off, float(acquired)
 
 
 def _model_heads(model: torch.nn.Module, task: str, patch: tuple[int, int, int]) -> tuple:
@@ -371,7 +389,13 @@ def predict(
         ``instance_distance``; :func:`outputs_of` gives one part under the single-task
         names. All heads come from one model pass per window. Dask computes
         when the result is computed: :func:`write_predictions` (streams to zarr),
-        ``ds.compute()`` for small volumes.
+        ``ds.compute()`` for small volumes. A model whose
+        ``metadata["semantic_prior"]["by_voxel_size"]`` holds per-voxel-size semantic
+        offsets (the shipped ``tiny-multitask``) gets those for the voxel size the data
+        was acquired at — ``attrs["rescaled_from"]`` (``pp.rescale`` sets it), else its
+        own voxel size, else the model's (:func:`~cryosiam_nb.models.logits.at_voxel_size`)
+        — recorded in ``attrs["semantic_offsets"]`` and
+        ``attrs["semantic_offsets_voxel_size"]`` (Å).
     """
     if isinstance(model, (list, tuple)):
         from cryosiam_nb.models import combine
@@ -411,6 +435,7 @@ def predict(
     n_tta = 8 if tta is True else int(tta)
     if not 0 <= n_tta <= 8:
         raise InputError(f"tta: True, False or a number of flips from 0 to 8, got {tta!r}")
+    model, sem_offsets, acquired = _calibrated_for(model, data)
     heads = _model_heads(model, task, patch)
     n_raw = sum(c for _, c in heads)
     if chunks is None:
@@ -463,6 +488,9 @@ def predict(
             "sigma_scale": float(sigma_scale),
         }
     )
+    if sem_offsets is not None:  # the model's per-voxel-size semantic offsets, as applied
+        attrs["semantic_offsets"] = [float(v) for v in sem_offsets]
+        attrs["semantic_offsets_voxel_size"] = acquired
     va = {"voxel_size": vs}
     variables: dict[str, Any] = {}
     if task == "dense_ssl":

@@ -18,18 +18,22 @@ its Dice more than any offset; that setting is stored, not folded into the weigh
 Both choices score the Dice of the classes present pooled by :func:`pooled_dice`; the
 default weighs every class alike (``objective="class"``), so a class found in one
 validation tomogram of several (microtubules) counts as much as one found in all.
+The network's logits also drift with the voxel size the data was acquired at (rescaled to
+the model's 10 Å it under-calls microtubules at 10 Å and over-calls them at 12–14 Å), so
+:func:`calibrate_voxel_size_offsets` chooses further offsets per acquisition voxel size,
+stored for ``tl.predict`` to add (:func:`cryosiam_nb.models.logits.at_voxel_size`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from cryosiam_nb.io import InputError
+from cryosiam_nb.models.logits import shift_logits
 
 from .data import Tomogram
 
@@ -39,6 +43,7 @@ __all__ = [
     "calibrate_semantic_prior",
     "calibrate_lamella_threshold",
     "calibrate_class_bias",
+    "calibrate_voxel_size_offsets",
     "class_bias_ascent",
     "pooled_dice",
     "OBJECTIVES",
@@ -56,46 +61,6 @@ CLASS_BIAS_STEPS: tuple[float, ...] = (-1.5, -1.0, -0.5, -0.25, 0.25, 0.5, 1.0, 
 SEMANTIC_MIN_SIZES: tuple[int, ...] = (0, 50, 100, 150, 250, 400, 600)
 #: the ``tl.lamella_mask`` thresholds :func:`calibrate_lamella_threshold` tries
 LAMELLA_THRESHOLDS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
-
-
-def _logit_layer(model: Any, task: str) -> tuple[torch.nn.Conv3d, int]:
-    """(last conv writing ``task``'s logits, channel offset of the logits in its output)."""
-    heads = getattr(model, "heads", None)
-    head = getattr(heads, task, None) if getattr(model, "task", None) == "multitask" else heads
-    if head is None:
-        raise InputError(f"model: has no {task!r} heads to shift")
-    if hasattr(head, "trunk"):  # fused: one conv, outputs split by ``sizes``
-        offset = 0
-        for key, size in zip(head.keys, head.sizes):
-            if key == "logits":
-                break
-            offset += size
-        else:
-            raise InputError(f"model: the {task!r} heads have no logits")
-        conv = head.trunk[-1]
-    else:
-        names = dict(getattr(head, "outputs", []))
-        if "logits" not in names:
-            raise InputError(f"model: the {task!r} heads have no logits")
-        conv, offset = getattr(head, names["logits"])[-1], 0
-    if not isinstance(conv, torch.nn.Conv3d) or conv.bias is None:
-        raise InputError(f"model: the {task!r} logits do not come from a Conv3d with a bias")
-    return conv, offset
-
-
-def shift_logits(model: Any, shift: Sequence[float], task: str = "semantic") -> None:
-    """Add ``shift[c]`` to ``task``'s logit of class ``c`` everywhere, in place.
-
-    Folded into the bias of the convolution that outputs the logits, so the model's
-    forward (and every checkpoint saved from it) includes the shift.
-    """
-    conv, offset = _logit_layer(model, task)
-    s = torch.as_tensor(np.asarray(shift, dtype=np.float32))
-    n = int(s.numel())
-    if offset + n > conv.out_channels:
-        raise InputError(f"shift: {n} values, the {task!r} logits have fewer channels")
-    with torch.no_grad():
-        conv.bias[offset : offset + n] += s.to(conv.bias.device, conv.bias.dtype)
 
 
 def prior_shift(class_weights: Sequence[float], alpha: float) -> np.ndarray:
@@ -245,6 +210,7 @@ def class_bias_ascent(
     rounds: int = 2,
     min_sizes: Sequence[int] = (),
     objective: str = "class",
+    start_min_size: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, pd.DataFrame]:
     """Per-class logit offsets that maximise the Dice of the classes present, pooled over
     tomograms by ``objective`` (:func:`pooled_dice`).
@@ -257,7 +223,8 @@ def class_bias_ascent(
     some ``labels`` volume: dropping a class no tomogram has always looks right). Returns
     the offsets and the table of accepted moves (the first row is the start); its
     ``min_size`` column holds the per-class sizes (index = class, 0 = off), the last row's
-    being the result.
+    being the result. ``start_min_size``: the per-class sizes to start from (default all
+    0); without ``min_sizes`` they stay fixed, so the offsets are chosen for them.
     """
     if not log_probabilities or len(log_probabilities) != len(labels):
         raise InputError("class bias: need one label volume per prediction, at least one")
@@ -274,7 +241,11 @@ def class_bias_ascent(
         return pooled_dice(per, objective)
 
     bias = np.zeros(log_probabilities[0].shape[0], np.float32)
-    sizes = [0] * len(bias)
+    sizes = [0] * len(bias) if start_min_size is None else [int(v) for v in start_min_size]
+    if len(sizes) != len(bias) or min(sizes) < 0:
+        raise InputError(
+            f"start_min_size: expected {len(bias)} sizes ≥ 0 voxels, got {start_min_size}"
+        )
     current = argmaxes(bias)  # the labels of the accepted offsets (sizes trials reuse them)
     best = score(current, sizes)
     rows = [
@@ -346,6 +317,60 @@ def calibrate_class_bias(
         logp = [lp + b for lp in logp]
     truth = [t.labels["semantic"] for t in tomograms]
     return class_bias_ascent(logp, truth, steps, rounds, min_sizes, objective)
+
+
+def calibrate_voxel_size_offsets(
+    model: Any,
+    by_voxel_size: Mapping[float, Sequence[Tomogram]],
+    min_size: Sequence[int],
+    base_shift: Sequence[float] | None = None,
+    steps: Sequence[float] = CLASS_BIAS_STEPS,
+    rounds: int = 2,
+    progress: bool = True,
+    predictions: Mapping[float, Sequence[Any]] | None = None,
+    objective: str = "class",
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Per-class semantic offsets for each acquisition voxel size, on **validation**
+    tomograms acquired at that size and rescaled to the model's.
+
+    ``by_voxel_size``: voxel size (Å) → tomograms simulated at it and rescaled to the
+    model's grid (labels on that grid). For each size, :func:`class_bias_ascent` starts
+    from ``model``'s logits plus ``base_shift`` (the calibration about to be folded in;
+    ``None``: the model as it is) with the per-class minimum component sizes ``min_size``
+    (voxels) fixed. Returns the table ``tl.predict`` reads from
+    ``metadata["semantic_prior"]["by_voxel_size"]`` — ``voxel_size`` (Å, increasing),
+    ``offset`` (per size, per class), ``dice_before`` / ``dice`` (pooled Dice without /
+    with the offsets) — and a summary DataFrame (one row per size). ``predictions``:
+    voxel size → the computed ``tl.predict`` Datasets of its tomograms, if already made.
+    Does not change ``model``.
+    """
+    _check_objective(objective)
+    if not by_voxel_size:
+        raise InputError("by_voxel_size: no voxel size to calibrate")
+    rows = []
+    for vs in sorted(by_voxel_size, key=float):
+        tomos = list(by_voxel_size[vs])
+        preds = None if predictions is None else predictions.get(vs)
+        logp = _semantic_log_probabilities(model, tomos, progress, preds)
+        if base_shift is not None:
+            b = np.asarray(base_shift, np.float32)[:, None, None, None]
+            logp = [lp + b for lp in logp]
+        truth = [t.labels["semantic"] for t in tomos]
+        off, table = class_bias_ascent(
+            logp, truth, steps, rounds, (), objective, start_min_size=min_size
+        )
+        rows.append(
+            {
+                "voxel_size": float(vs),
+                "offset": [float(x) for x in off],
+                "dice_before": float(table.iloc[0]["semantic_dice"]),
+                "dice": float(table.iloc[-1]["semantic_dice"]),
+                "tomograms": len(tomos),
+            }
+        )
+    summary = pd.DataFrame(rows)
+    out = {k: summary[k].tolist() for k in ("voxel_size", "offset", "dice_before", "dice")}
+    return out, summary
 
 
 def calibrate_lamella_threshold(

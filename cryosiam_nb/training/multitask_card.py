@@ -159,6 +159,27 @@ def _card(
         ),
         *(
             [
+                "- Per-acquisition-voxel-size semantic offsets on top "
+                "(`training.calibration.calibrate_voxel_size_offsets`: the same ascent, "
+                "minimum sizes fixed, on the simulator's default imaging at each voxel size, "
+                "rescaled to 10 Å: `voxel_calibration` "
+                f"`{json.dumps(mc.get('voxel_calibration'))}`; `tl.predict` adds the offsets "
+                "for the input's `attrs['rescaled_from']`, interpolated between sizes): "
+                + "; ".join(
+                    f"{v:g} Å {[round(o, 2) for o in off]} (Dice {d0:.3f} → {d1:.3f})"
+                    for v, off, d0, d1 in zip(
+                        md["semantic_prior"]["by_voxel_size"]["voxel_size"],
+                        md["semantic_prior"]["by_voxel_size"]["offset"],
+                        md["semantic_prior"]["by_voxel_size"]["dice_before"],
+                        md["semantic_prior"]["by_voxel_size"]["dice"],
+                    )
+                )
+            ]
+            if (md.get("semantic_prior") or {}).get("by_voxel_size")
+            else []
+        ),
+        *(
+            [
                 "- Semantic post-processing chosen in the same ascent (smallest connected "
                 "component kept per class, voxels at the model's voxel size; 0 = off): "
                 f"`{json.dumps(md['semantic_defaults'])}` — pass it to "

@@ -34,6 +34,7 @@ __all__ = [
     "finish_shipped_multitask",
     "STRUCTURES",
     "calibration_set",
+    "default_imaging_set",
     "recipe_validation_set",
 ]
 
@@ -150,25 +151,44 @@ def _stage_settings(mc: dict[str, Any], name: str) -> dict[str, Any] | None:
     return st if mc.get(name) and st.get("epochs") else None
 
 
-def calibration_set(mc: dict[str, Any], progress: bool = True) -> list:
+def calibration_set(mc: dict[str, Any], progress: bool = True, voxel_size: float = 10.0) -> list:
     """The recipe's calibration tomograms (``mc["calibration_val"]``): the simulator's
-    default imaging at 10 Å, normalised like inference input; validation seeds only."""
+    default imaging, normalised like inference input; validation seeds only (at
+    ``voxel_size`` Å, see :func:`default_imaging_set`)."""
+    return default_imaging_set(mc.get("calibration_val"), progress, voxel_size)
+
+
+def default_imaging_set(
+    spec: dict[str, Any] | None, progress: bool = True, voxel_size: float = 10.0
+) -> list:
+    """Tomograms of ``spec`` (``seeds``, ``samples``, ``shape`` in voxels at 10 Å, optional
+    ``mode``) with the simulator's default imaging, normalised like inference input.
+
+    At ``voxel_size`` Å other than the model's 10 Å, each scene is simulated over the same
+    physical extent (the shape scaled by 10 / ``voxel_size``) and taken to 10 Å as
+    inference takes such data (``pp.normalize``, then ``pp.rescale``); its labels are
+    resampled onto that grid (nearest neighbour, the clean volume linearly)."""
     from tqdm.auto import tqdm
 
-    from cryosiam_nb import sim
+    from cryosiam_nb import pp, sim
 
     from .data import Tomogram, _normalise
+    from .multitask import _rescaled
 
-    cv = mc.get("calibration_val")
+    cv = spec
     if not cv:
         return []
+    vs = float(voxel_size)
+    shape = tuple(int(n) for n in cv["shape"])
+    if vs != 10.0:
+        shape = tuple(max(16, int(round(n * 10.0 / vs))) for n in shape)
     out = []
     for seed, sample in tqdm(
-        list(zip(cv["seeds"], cv["samples"])), desc="simulate", disable=not progress
+        list(zip(cv["seeds"], cv["samples"])), desc=f"simulate {vs:g} Å", disable=not progress
     ):
         s = sim.simulate(
-            tuple(cv["shape"]),
-            voxel_size=10.0,
+            shape,
+            voxel_size=vs,
             sample=sample,
             seed=int(seed),
             mode=cv.get("mode", "tilt"),
@@ -176,10 +196,20 @@ def calibration_set(mc: dict[str, Any], progress: bool = True) -> list:
             progress=False,
         )
         v = s.volumes
-        labels = {"clean": _normalise(v["clean"].values)}
-        labels.update({k: np.asarray(v[k].values) for k in ("semantic", "instances", "lamella")})
-        name = f"sim_{seed}_{sample}_default"
-        out.append(Tomogram(name, _normalise(v["noisy"].values), labels, 10.0, s.particles))
+        keys = ("semantic", "instances", "lamella")
+        if vs == 10.0:
+            image = _normalise(v["noisy"].values)
+            labels = {k: np.asarray(v[k].values) for k in keys}
+            labels["clean"] = _normalise(v["clean"].values)
+            name, particles = f"sim_{seed}_{sample}_default", s.particles
+        else:
+            noisy = v["noisy"].assign_attrs(voxel_size=vs)
+            image = np.asarray(pp.rescale(pp.normalize(noisy, invert=False), 10.0).values)
+            labels = {k: _rescaled(np.asarray(v[k].values), image.shape, 0) for k in keys}
+            clean = _rescaled(np.asarray(v["clean"].values, np.float32), image.shape, 1)
+            labels["clean"] = _normalise(clean)
+            name, particles = f"sim_{seed}_{sample}_default_{vs:g}A", None
+        out.append(Tomogram(name, image.astype(np.float32), labels, 10.0, particles))
     return out
 
 
@@ -386,6 +416,30 @@ def _save_with_metadata(model: Any, path: Path) -> None:
     models.save(model, path, **meta, metrics=dict(model.metadata.get("metrics", {})))
 
 
+def _voxel_size_offsets(
+    model: Any, mc: dict[str, Any], shift: np.ndarray, min_size: list[int], progress: bool
+) -> dict[str, Any] | None:
+    """The per-acquisition-voxel-size semantic offsets (``None`` without
+    ``mc["voxel_calibration"]``): on the tomograms of its ``sets``
+    (:func:`default_imaging_set`) simulated at each of its ``voxel_sizes``, on top of
+    ``shift`` (not yet folded into ``model``), the minimum sizes fixed."""
+    from .calibration import calibrate_voxel_size_offsets
+
+    vc = mc.get("voxel_calibration") or {}
+    sizes = [float(v) for v in vc.get("voxel_sizes", ())]
+    if not sizes:
+        return None
+    sets = {
+        v: [t for spec in vc["sets"] for t in default_imaging_set(spec, progress, v)] for v in sizes
+    }
+    table, summary = calibrate_voxel_size_offsets(
+        model, sets, min_size, base_shift=shift, progress=progress
+    )
+    print("per-voxel-size semantic offsets (acquired at, rescaled to 10 Å):")
+    print(summary.to_string(index=False))
+    return table
+
+
 def finish_shipped_multitask(
     path: Path, cfg: dict[str, Any], command: str, progress: bool = True, val: list | None = None
 ) -> dict[str, float]:
@@ -400,9 +454,14 @@ def finish_shipped_multitask(
     weighed alike (objective ``"class"``), folded into the semantic logits' bias and
     recorded in ``metadata["semantic_prior"]`` (a previous correction is undone first),
     with the per-class minimum component sizes of ``tl.postprocess_semantic`` chosen in the
-    same ascent (``metadata["semantic_defaults"]``), (2) the lamella threshold, then (3)
-    tune the instance post-processing on :func:`calibration_set` alone (all tomograms when
-    it is empty), stored in ``metadata["instance_defaults"]``.
+    same ascent (``metadata["semantic_defaults"]``); then, for each voxel size in
+    ``voxel_calibration["voxel_sizes"]``, per-class offsets on top, on its default-imaging
+    tomograms acquired at that size and rescaled to 10 Å
+    (:func:`~cryosiam_nb.training.calibration.calibrate_voxel_size_offsets`, minimum sizes
+    fixed; ``metadata["semantic_prior"]["by_voxel_size"]``, which ``tl.predict`` applies),
+    (2) the lamella threshold, then (3) tune the instance post-processing on
+    :func:`calibration_set` alone (all tomograms when it is empty), stored in
+    ``metadata["instance_defaults"]``.
     """
     from cryosiam_nb import models
     from cryosiam_nb.inference import predict
@@ -427,6 +486,8 @@ def finish_shipped_multitask(
         old = model.metadata.get("semantic_prior", {}).get("shift")
         if old:
             shift_logits(model, -np.asarray(old, np.float32))
+        # a previous per-voxel-size table would shift every prediction below
+        model.metadata.get("semantic_prior", {}).pop("by_voxel_size", None)
     # one prediction pass serves all three calibrations: the semantic shift below moves
     # only the semantic logits, not the lamella and instance heads read afterwards
     preds = [predict(t.image, model).compute() for t in val]
@@ -453,6 +514,8 @@ def finish_shipped_multitask(
         print("per-class logit offsets on validation tomograms (accepted moves):")
         print(bias_table.to_string(index=False))
         shift = base + bias
+        min_size = [int(v) for v in bias_table.iloc[-1]["min_size"]]
+        by_size = _voxel_size_offsets(model, mc, shift, min_size, progress)
         shift_logits(model, shift)
         model.metadata["semantic_prior"] = {
             "alpha": alpha,
@@ -461,9 +524,9 @@ def finish_shipped_multitask(
             "table": prior_table.to_dict(orient="records"),
             "class_bias_dice": float(bias_table.iloc[-1]["semantic_dice"]),
         }
-        model.metadata["semantic_defaults"] = {
-            "min_size": [int(v) for v in bias_table.iloc[-1]["min_size"]]
-        }
+        if by_size:
+            model.metadata["semantic_prior"]["by_voxel_size"] = by_size
+        model.metadata["semantic_defaults"] = {"min_size": min_size}
     lam_thr, lam_table = calibrate_lamella_threshold(
         model, val, progress=progress, predictions=preds
     )

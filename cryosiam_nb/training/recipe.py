@@ -226,6 +226,27 @@ RECIPE: dict[str, Any] = {
             "samples": ("general", "transcription", "general", "chromatin"),
             "shape": (96, 192, 192),
         },
+        # per-acquisition-voxel-size semantic offsets (on top of the pooled calibration):
+        # the calibration set plus four thick general scenes, each simulated at 8, 10, 12
+        # and 14 Å and rescaled to 10 Å. On validation tomograms (7201–7216 at 10 Å; nine
+        # of them at 8 / 12 / 14 Å) semantic Dice 0.620 / 0.648 / 0.593 / 0.566 against
+        # the pooled calibration's 0.588 / 0.641 / 0.588 / 0.537; the calibration set alone
+        # matched at 10 Å but reached 0.553 at 14 Å (2026-12-07)
+        "voxel_calibration": {
+            "voxel_sizes": (8.0, 10.0, 12.0, 14.0),
+            "sets": (
+                {
+                    "seeds": (7101, 7102, 7103, 7104),
+                    "samples": ("general", "transcription", "general", "chromatin"),
+                    "shape": (96, 192, 192),
+                },
+                {
+                    "seeds": (7105, 7106, 7107, 7108),
+                    "samples": ("general",) * 4,
+                    "shape": (128, 192, 192),
+                },
+            ),
+        },
     },
 }
 
@@ -284,6 +305,12 @@ QUICK: dict[str, Any] = _overridden(
             "samples": ("general",),
             "shape": (32, 48, 48),
             "mode": "fast",
+        },
+        "voxel_calibration": {
+            "voxel_sizes": (10.0, 14.0),
+            "sets": (
+                {"seeds": (7101,), "samples": ("general",), "shape": (32, 48, 48), "mode": "fast"},
+            ),
         },
     },
 )

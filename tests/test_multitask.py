@@ -440,6 +440,24 @@ def test_predict_adds_the_offsets_for_the_voxel_size_the_data_was_acquired_at():
     assert "semantic_offsets" not in ref.attrs
 
 
+def test_the_ascent_s_one_class_argmax_equals_the_full_argmax_ties_included():
+    """Coordinate ascent moves one class' offset at a time and reuses the other classes'
+    best; its labels must equal ``np.argmax`` of the shifted logits (a tie to the lower
+    class)."""
+    from cryosiam_nb.training.calibration import _argmax_with, _best_other
+
+    rng = np.random.default_rng(0)
+    lp = rng.integers(0, 4, (6, 7, 8, 9)).astype(np.float32) / 2  # many exact ties
+    for c in range(6):
+        for bias in (np.zeros(6, np.float32), rng.integers(-2, 3, 6).astype(np.float32) / 2):
+            other = _best_other(lp, bias, c)
+            for step in (-1.0, -0.5, 0.0, 0.5, 1.0):
+                b = bias.copy()
+                b[c] += step
+                ref = np.argmax(lp + b[:, None, None, None], axis=0)
+                np.testing.assert_array_equal(_argmax_with(lp[c] + b[c], c, other), ref)
+
+
 def test_voxel_size_offsets_are_chosen_per_size_with_the_minimum_sizes_fixed():
     from cryosiam_nb.training.calibration import class_bias_ascent
 

@@ -203,6 +203,23 @@ def _drop_small(labels: np.ndarray, min_size: Sequence[int]) -> np.ndarray:
     return out
 
 
+def _best_other(lp: np.ndarray, bias: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
+    """The largest of ``lp + bias`` over the classes other than ``c`` and its class (the
+    lowest on ties, like ``np.argmax``)."""
+    idx = np.array([k for k in range(len(bias)) if k != c])
+    sub = lp[idx] + np.asarray(bias, np.float32)[idx][:, None, None, None]
+    j = np.argmax(sub, axis=0)
+    return np.take_along_axis(sub, j[None], axis=0)[0], idx[j]
+
+
+def _argmax_with(value: np.ndarray, c: int, other: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """``np.argmax`` over all classes, given class ``c``'s shifted logit ``value`` and
+    :func:`_best_other` of the rest (a tie goes to the lower class)."""
+    best, arg = other
+    wins = (value > best) | ((value == best) & (c < arg))
+    return np.where(wins, c, arg)
+
+
 def class_bias_ascent(
     log_probabilities: Sequence[np.ndarray],
     labels: Sequence[np.ndarray],
@@ -260,10 +277,14 @@ def class_bias_ascent(
     for rnd in range(1, rounds + 1):
         for c in range(1, len(bias)):
             top: tuple | None = None  # the best trial (score, bias, sizes, labels) so far
+            # only class c's offset moves: the other classes' best is computed once
+            others = [_best_other(lp, bias, c) for lp in log_probabilities]
             for step in steps:
                 b = bias.copy()
                 b[c] += step
-                pred = argmaxes(b)
+                pred = [
+                    _argmax_with(lp[c] + b[c], c, o) for lp, o in zip(log_probabilities, others)
+                ]
                 t = score(pred, sizes)
                 if top is None or t > top[0]:
                     top = (t, b, sizes, pred)

@@ -244,11 +244,16 @@ NB["03_semantic_segmentation_and_lamella"] = [
         "the lamella are set to background, and `postprocess_semantic` drops specks: "
         "the model card's per-class minimum component sizes (`model.metadata"
         "['semantic_defaults']`, chosen on validation tomograms) remove the small bits of "
-        "actin the network paints onto particles."
+        "actin the network paints onto particles. `tl.predict` has already added the "
+        "model's semantic offsets for the voxel size the data was acquired at (the "
+        "network calls microtubules differently at 8, 10, 12 and 14 Å); "
+        "`pred.attrs['semantic_offsets']` shows which."
     ),
     new_code_cell(
         'seg = tl.outputs_of(pred, "semantic")\n'
         'inside = seg["labels"].where(lamella > 0, 0).astype(np.uint8)  # nothing outside the sample\n'
+        'print("offsets for data acquired at", pred.attrs.get("semantic_offsets_voxel_size"), "Å:",\n'
+        '      pred.attrs.get("semantic_offsets"))\n'
         'print(model.metadata["semantic_defaults"])  # voxels per class, 0 = keep all\n'
         'labels = tl.postprocess_semantic(inside, **model.metadata["semantic_defaults"]).compute()\n'
         "names = {i: n for i, n in enumerate(sim.SEMANTIC_CLASSES) if i}\n"

@@ -84,6 +84,14 @@ _STAGE6: dict[str, Any] = {
     "seed_train": 6,
 }
 
+#: the multi-task recipe's calibration tomograms (``multitask_recipe.calibration_set``):
+#: the simulator's default imaging at a realistic size, validation seeds only
+_CALIBRATION_SET: dict[str, Any] = {
+    "seeds": (7101, 7102, 7103, 7104),
+    "samples": ("general", "transcription", "general", "chromatin"),
+    "shape": (96, 192, 192),
+}
+
 RECIPE: dict[str, Any] = {
     "sim": {"n": 8, "shape": (48, 96, 96), "voxel_size": 10.0, "seed": 2024, "mode": "tilt"},
     "dense_ssl": {
@@ -221,25 +229,18 @@ RECIPE: dict[str, Any] = {
         # with the simulator's default imaging (10 Å, projection SNR 0.1, default thickness
         # and structure counts), at a realistic size; validation seeds only. The instance
         # post-processing is tuned on these alone
-        "calibration_val": {
-            "seeds": (7101, 7102, 7103, 7104),
-            "samples": ("general", "transcription", "general", "chromatin"),
-            "shape": (96, 192, 192),
-        },
+        "calibration_val": _CALIBRATION_SET,
         # per-acquisition-voxel-size semantic offsets (on top of the pooled calibration):
         # the calibration set plus four thick general scenes, each simulated at 8, 10, 12
-        # and 14 Å and rescaled to 10 Å. On validation tomograms (7201–7216 at 10 Å; nine
-        # of them at 8 / 12 / 14 Å) semantic Dice 0.620 / 0.648 / 0.593 / 0.566 against
-        # the pooled calibration's 0.588 / 0.641 / 0.588 / 0.537; the calibration set alone
-        # matched at 10 Å but reached 0.553 at 14 Å (2026-12-07)
+        # and 14 Å and rescaled to 10 Å. On validation tomograms (7201–7216 at 10 Å, nine
+        # of those scenes at the other sizes) semantic Dice at 8 / 10 / 12 / 14 Å 0.620 /
+        # 0.648 / 0.593 / 0.566 against the pooled calibration's 0.588 / 0.641 / 0.588 /
+        # 0.537; the calibration set alone matched at 10 Å but reached 0.553 at 14 Å
+        # (2026-12-07)
         "voxel_calibration": {
             "voxel_sizes": (8.0, 10.0, 12.0, 14.0),
             "sets": (
-                {
-                    "seeds": (7101, 7102, 7103, 7104),
-                    "samples": ("general", "transcription", "general", "chromatin"),
-                    "shape": (96, 192, 192),
-                },
+                _CALIBRATION_SET,
                 {
                     "seeds": (7105, 7106, 7107, 7108),
                     "samples": ("general",) * 4,

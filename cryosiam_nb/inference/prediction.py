@@ -117,16 +117,13 @@ def _calibrated_for(model: torch.nn.Module, data: Any) -> tuple[Any, Any, float 
     ``data`` was acquired at (:func:`~cryosiam_nb.models.logits.at_voxel_size`), the
     offsets (``None`` without a table) and that voxel size (Å): ``attrs["rescaled_from"]``
     (set by ``pp.rescale``), else the data's own voxel size, else the model's."""
-    md = getattr(model, "metadata", None) or {}
-    if not (md.get("semantic_prior") or {}).get("by_voxel_size"):
-        return model, None, None
     attrs = getattr(data, "attrs", {}) or {}
     acquired = attrs.get("rescaled_from") or voxel_size_of(data)
-    acquired = acquired or getattr(model, "voxel_size", None) or md.get("voxel_size")
+    acquired = acquired or getattr(model, "voxel_size", None)
     if not acquired:
         return model, None, None
     shifted, off = at_voxel_size(model, float(acquired))
-    return shifted, off, float(acquired)
+    return shifted, off, None if off is None else float(acquired)
 
 
 def _model_heads(model: torch.nn.Module, task: str, patch: tuple[int, int, int]) -> tuple:

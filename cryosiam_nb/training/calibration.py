@@ -116,8 +116,8 @@ def _part_outputs(
 ) -> list:
     """The ``part`` outputs (:func:`~cryosiam_nb.inference.outputs_of`) of each validation
     tomogram (which must carry a ``part`` label): from ``predictions`` (computed
-    ``tl.predict`` Datasets of ``tomograms``, shared between calibrations) or one
-    ``tl.predict`` pass each."""
+    ``tl.predict`` Datasets of ``tomograms``, shared between calibrations; ``None`` entries
+    are predicted) or one ``tl.predict`` pass each."""
     from tqdm.auto import tqdm
 
     from cryosiam_nb.inference import outputs_of, predict
@@ -130,7 +130,9 @@ def _part_outputs(
     for i, t in enumerate(tqdm(tomograms, desc=f"calibrate {part}", disable=not progress)):
         if part not in t.labels:
             raise InputError(f"{t.name}: has no {part} labels to calibrate on")
-        ds = predict(t.image, model).compute() if predictions is None else predictions[i]
+        ds = None if predictions is None else predictions[i]
+        if ds is None:
+            ds = predict(t.image, model).compute()
         out.append(outputs_of(ds, part))
     return out
 
@@ -174,11 +176,17 @@ def calibrate_semantic_prior(
 
 
 def _semantic_log_probabilities(
-    model: Any, tomograms: Sequence[Tomogram], progress: bool, predictions: Sequence[Any] | None
+    model: Any,
+    tomograms: Sequence[Tomogram],
+    progress: bool,
+    predictions: Sequence[Any] | None,
+    base_shift: Sequence[float] | None = None,
 ) -> list[np.ndarray]:
-    """Per tomogram, the semantic log-probabilities ``(class, z, y, x)`` of ``model``."""
+    """Per tomogram, the semantic log-probabilities ``(class, z, y, x)`` of ``model``, with
+    ``base_shift`` (per class) added when given."""
+    b = 0.0 if base_shift is None else np.asarray(base_shift, np.float32)[:, None, None, None]
     return [
-        np.log(np.maximum(o["probabilities"].values.astype(np.float32), 1e-6))
+        np.log(np.maximum(o["probabilities"].values.astype(np.float32), 1e-6)) + b
         for o in _part_outputs(model, tomograms, "semantic", progress, predictions)
     ]
 
@@ -332,10 +340,7 @@ def calibrate_class_bias(
     apply the result with ``shift_logits(model, base_shift + bias)``.
     """
     _check_objective(objective)  # before the prediction passes
-    logp = _semantic_log_probabilities(model, tomograms, progress, predictions)
-    if base_shift is not None:
-        b = np.asarray(base_shift, np.float32)[:, None, None, None]
-        logp = [lp + b for lp in logp]
+    logp = _semantic_log_probabilities(model, tomograms, progress, predictions, base_shift)
     truth = [t.labels["semantic"] for t in tomograms]
     return class_bias_ascent(logp, truth, steps, rounds, min_sizes, objective)
 
@@ -372,10 +377,7 @@ def calibrate_voxel_size_offsets(
     for vs in sorted(by_voxel_size, key=float):
         tomos = list(by_voxel_size[vs])
         preds = None if predictions is None else predictions.get(vs)
-        logp = _semantic_log_probabilities(model, tomos, progress, preds)
-        if base_shift is not None:
-            b = np.asarray(base_shift, np.float32)[:, None, None, None]
-            logp = [lp + b for lp in logp]
+        logp = _semantic_log_probabilities(model, tomos, progress, preds, base_shift)
         truth = [t.labels["semantic"] for t in tomos]
         off, table = class_bias_ascent(
             logp, truth, steps, rounds, (), objective, start_min_size=min_size

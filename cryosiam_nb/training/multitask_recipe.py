@@ -417,23 +417,40 @@ def _save_with_metadata(model: Any, path: Path) -> None:
 
 
 def _voxel_size_offsets(
-    model: Any, mc: dict[str, Any], shift: np.ndarray, min_size: list[int], progress: bool
+    model: Any,
+    mc: dict[str, Any],
+    shift: np.ndarray,
+    min_size: list[int],
+    progress: bool,
+    cal: tuple[list, list] = ([], []),
 ) -> dict[str, Any] | None:
     """The per-acquisition-voxel-size semantic offsets (``None`` without
     ``mc["voxel_calibration"]``): on the tomograms of its ``sets``
     (:func:`default_imaging_set`) simulated at each of its ``voxel_sizes``, on top of
-    ``shift`` (not yet folded into ``model``), the minimum sizes fixed."""
+    ``shift`` (not yet folded into ``model``), the minimum sizes fixed. ``cal``: the
+    10 Å :func:`calibration_set` and its predictions (by ``model``), already made; a set
+    equal to ``mc["calibration_val"]`` reuses them at 10 Å instead of simulating and
+    predicting it again."""
     from .calibration import calibrate_voxel_size_offsets
 
     vc = mc.get("voxel_calibration") or {}
     sizes = [float(v) for v in vc.get("voxel_sizes", ())]
     if not sizes:
         return None
-    sets = {
-        v: [t for spec in vc["sets"] for t in default_imaging_set(spec, progress, v)] for v in sizes
-    }
+    sets: dict[float, list] = {}
+    preds: dict[float, list] = {}
+    for v in sizes:
+        sets[v], preds[v] = [], []
+        for spec in vc["sets"]:
+            if v == 10.0 and cal[0] and spec == mc.get("calibration_val"):
+                sets[v] += cal[0]
+                preds[v] += cal[1]
+                continue
+            tomos = default_imaging_set(spec, progress, v)
+            sets[v] += tomos
+            preds[v] += [None] * len(tomos)  # predicted one by one during the calibration
     table, summary = calibrate_voxel_size_offsets(
-        model, sets, min_size, base_shift=shift, progress=progress
+        model, sets, min_size, base_shift=shift, progress=progress, predictions=preds
     )
     print("per-voxel-size semantic offsets (acquired at, rescaled to 10 Å):")
     print(summary.to_string(index=False))
@@ -515,7 +532,9 @@ def finish_shipped_multitask(
         print(bias_table.to_string(index=False))
         shift = base + bias
         min_size = [int(v) for v in bias_table.iloc[-1]["min_size"]]
-        by_size = _voxel_size_offsets(model, mc, shift, min_size, progress)
+        by_size = _voxel_size_offsets(
+            model, mc, shift, min_size, progress, (cal, preds[pool] if cal else [])
+        )
         shift_logits(model, shift)
         model.metadata["semantic_prior"] = {
             "alpha": alpha,

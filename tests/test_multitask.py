@@ -359,6 +359,27 @@ def test_stage_trains_the_raw_logits_not_the_calibrated_ones(tmp_path):
     torch.testing.assert_close(conv.bias.detach()[off : off + len(shift)], raw)
 
 
+def test_a_stage_trains_on_its_own_patch_size_and_the_card_says_so(tmp_path):
+    """A stage's ``patch_size`` reaches the patches it trains on, is recorded with the
+    stage, and the card prints each stage's own patch (older stages: the preset's)."""
+    import shutil
+
+    from cryosiam_nb.training.multitask_card import _stage_patch
+    from cryosiam_nb.training.multitask_recipe import train_stage
+    from cryosiam_nb.training.recipe import QUICK, _overridden
+
+    path = tmp_path / "tiny-multitask.pt"
+    shutil.copy(models.WEIGHTS_DIR / "tiny-multitask.pt", path)
+    mc = dict(QUICK["multitask"])
+    mc["stage4"] = {**mc["stage4"], "patch_size": 24, "lr": 0.0}
+    train_stage(path, _overridden(QUICK, multitask=mc), "stage4", progress=False)
+    m = models.load(path)
+    stages = m.metadata["stages"]
+    assert stages["stage4"]["patch_size"] == [24, 24, 24]
+    assert _stage_patch(stages["stage4"], m) == (24, 24, 24)
+    assert _stage_patch(stages["stage9"], m) == (32, 32, 32)  # trained before it was recorded
+
+
 @pytest.mark.parametrize("task", ["multitask", "semantic"])
 def test_shift_logits_adds_the_shift_to_the_semantic_logits_only(task):
     from cryosiam_nb.training.calibration import shift_logits

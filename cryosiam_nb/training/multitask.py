@@ -393,6 +393,7 @@ def train_multitask(
         "foreground_fraction": foreground_fraction,
         "class_weights": cw,
         "small_weight": float(small_weight),
+        "patch_size": list(psize),
         "backbone": str(backbone) if isinstance(backbone, (str, Path)) else None,
         "init": str(init) if isinstance(init, (str, Path)) else (None if init is None else "model"),
     }

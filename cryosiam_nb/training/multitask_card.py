@@ -34,6 +34,8 @@ STAGE_NOTES = {
     "stage9": "stage 5's kind of data with the projection SNR drawn down to 0.02 "
     "(`snr_range`), small particles weighted `small_weight`× in the instance loss",
     "stage10": "stage 6 again (the same data and seed) on the stage-9 backbone",
+    "stage11": "stage 9's kind of data on fresh seeds with 64³ training patches (the "
+    "inference window), one patch per step",
 }
 
 
@@ -47,6 +49,16 @@ def _trained_part(stage: dict[str, Any]) -> str:
     if idle:
         parts.append(f"the {', '.join(idle)} heads kept as they were")
     return "; ".join(parts)
+
+
+def _stage_patch(stage: dict[str, Any], model: Any) -> tuple[int, ...]:
+    """The training patch (voxels, z y x) of a stage: recorded since stages could set their
+    own; older stages trained on the preset's patch."""
+    if stage.get("patch_size"):
+        return tuple(int(v) for v in stage["patch_size"])
+    from cryosiam_nb.models import PRESETS
+
+    return tuple(PRESETS[model.config.get("preset", "tiny")]["patch_size"])
 
 
 def _stages_of(md: dict[str, Any]) -> dict[str, dict]:
@@ -123,7 +135,7 @@ def _card(
         ],
         *[
             f"- {name.capitalize()} steps: {t.get('steps')} × batch {t.get('batch_size')} "
-            f"patches of {tuple(model.patch_size)} voxels ({t.get('epochs')} epochs), AdamW "
+            f"patches of {_stage_patch(t, model)} voxels ({t.get('epochs')} epochs), AdamW "
             f"one-cycle, lr {t.get('lr')}, class-balanced patches "
             f"({t.get('foreground_fraction')}), CE class weights {t.get('class_weights')}, "
             f"small-particle instance weight {t.get('small_weight', 1.0)}"

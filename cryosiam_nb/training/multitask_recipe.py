@@ -111,7 +111,15 @@ STAGES = ("stage2", "stage3", "stage5", "stage6", "stage9", "stage10")
 #: with, best-threshold actin Dice 0.107 vs 0.111, argmax semantic Dice 0.628 vs 0.630
 #: (shipped: AUC 0.942, best-threshold 0.157; 2026-12-07). The term stays; and a further
 #: whole-network fine-tune again lowered actin.
-OPTIONAL_STAGES = ("stage4", "stage7", "stage8")
+#: ``stage11`` (stage 9's settings on fresh seeds with 64³ training patches, the inference
+#: window, instead of 32³: the whole microtubule cross-section, 25 voxels, and more of an
+#: actin filament in view; one patch per step, 1280 steps at lr 5e-4, 40 min on 2 threads)
+#: lowered every semantic score on validation tomograms 7201/7203/7205–7216, uncalibrated
+#: against the shipped weights with their calibration undone (2026-12-07): p(actin) AUC
+#: 0.913 vs 0.945, best-threshold actin Dice 0.104 vs 0.137, p(microtubule) AUC 0.954 vs
+#: 0.966, argmax semantic Dice 0.559 vs 0.611 (membrane 0.537 vs 0.721) — the same loss
+#: as the 32³ fine-tunes above, so the training patch is not what holds actin back.
+OPTIONAL_STAGES = ("stage4", "stage7", "stage8", "stage11")
 _ALL_STAGES = STAGES + OPTIONAL_STAGES
 
 
@@ -316,7 +324,9 @@ def train_stage(
     class-weighted CE (``class_weights="auto"``) and more class-balanced patches, for the
     rare thin classes. ``stage4``: as stage 3 with small particles up-weighted in the
     instance loss (``small_weight``). A semantic prior correction folded into the
-    checkpoint by calibration is undone before training continues. Keys missing from a stage come from the stage-1 settings.
+    checkpoint by calibration is undone before training continues. Keys missing from a
+    stage come from the stage-1 settings; a stage's ``patch_size`` (voxels per axis)
+    replaces the preset's training patch.
     Overwrites ``path``; returns the stage's validation tomograms.
     """
     from cryosiam_nb import models
@@ -339,6 +349,7 @@ def train_stage(
         epochs=st["epochs"],
         batch_size=st["batch_size"],
         samples_per_epoch=st["samples_per_epoch"],
+        patch_size=st.get("patch_size"),
         lr=st["lr"],
         foreground_fraction=st.get("foreground_fraction", 0.6),
         class_weights=st.get("class_weights"),

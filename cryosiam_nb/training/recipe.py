@@ -225,6 +225,25 @@ RECIPE: dict[str, Any] = {
         # stage 10: stage 6 again after stage 9 (the same data and seed): the instance head
         # alone re-learns small particles on the low-SNR backbone
         "stage10": _STAGE6,
+        # stage 11 (optional, run only with --stages stage11): stage 9's data and settings on
+        # fresh seeds with 64³ training patches (the inference window) instead of 32³, one
+        # patch per step, 5 epochs of 256 steps at lr 5e-4 (40 min on 2 threads); it lowered
+        # every semantic score on validation tomograms (see multitask_recipe.OPTIONAL_STAGES)
+        "stage11": {
+            **_MORE_DNA,
+            "n": 16,
+            "seed": 6860,
+            "val_n": 2,
+            "val_seed": 6890,
+            "snr_range": (0.02, 0.4),
+            "small_weight": 8.0,
+            "patch_size": 64,
+            "batch_size": 1,
+            "samples_per_epoch": 256,
+            "epochs": 5,
+            "lr": 5e-4,
+            "seed_train": 11,
+        },
         # calibration (semantic prior correction, lamella threshold) also sees tomograms
         # with the simulator's default imaging (10 Å, projection SNR 0.1, default thickness
         # and structure counts), at a realistic size; validation seeds only. The instance

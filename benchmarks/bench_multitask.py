@@ -22,6 +22,8 @@ Tables:
 
     python benchmarks/bench_multitask.py            # 3 held-out tomograms + robustness
     python benchmarks/bench_multitask.py --quick    # one 64×128×128 tomogram
+    python benchmarks/bench_multitask.py --extra 6 --no-separate --no-robustness
+                                                    # 9 held-out tomograms, mean and std
 """
 
 from __future__ import annotations
@@ -45,17 +47,34 @@ THESIS = {"semantic_all": 0.635, "ap50": 0.229}
 SMALL = 150  # voxels: "particles under 150 voxels"
 
 
-def held_out(quick: bool) -> list[tuple[str, object]]:
-    """(name, Simulation) of the held-out set."""
+#: the held-out scenes, in order: (name, shape in voxels, sample); ``--extra N`` repeats
+#: the cycle on the next seeds (9104, …)
+_KINDS = (
+    ("general 96×192×192", (96, 192, 192), "general"),
+    ("transcription 96×192×192", (96, 192, 192), "transcription"),
+    ("general thick 128×192×192", (128, 192, 192), "general"),
+)
+
+
+def held_out(quick: bool, extra: int = 0) -> list[tuple[str, object]]:
+    """(name, Simulation) of the held-out set: the three of :data:`TEST_SEEDS`, then
+    ``extra`` more on the following seeds (the same cycle of samples and shapes), to show
+    how much a metric varies from one tomogram to the next."""
     from cryosiam_nb import sim
 
     if quick:
         specs = [("general 64×128×128", (64, 128, 128), "general", TEST_SEEDS[0], {})]
     else:
         specs = [
-            ("general 96×192×192", (96, 192, 192), "general", TEST_SEEDS[0], {}),
-            ("transcription 96×192×192", (96, 192, 192), "transcription", TEST_SEEDS[1], {}),
-            ("general thick 128×192×192", (128, 192, 192), "general", TEST_SEEDS[2], {}),
+            (
+                name if i < len(TEST_SEEDS) else f"{name} (seed {TEST_SEEDS[0] + i})",
+                shape,
+                sample,
+                TEST_SEEDS[0] + i,
+                {},
+            )
+            for i in range(len(TEST_SEEDS) + max(int(extra), 0))
+            for name, shape, sample in [_KINDS[i % len(_KINDS)]]
         ]
     out = []
     for name, shape, sample, seed, kw in specs:
@@ -179,6 +198,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--no-separate", action="store_true", help="skip the four separate models")
     ap.add_argument(
+        "--extra",
+        type=int,
+        default=0,
+        help="this many more held-out tomograms (seeds 9104, …, the same cycle of samples): "
+        "the table then also gives each metric's standard deviation over tomograms",
+    )
+    ap.add_argument(
         "--tta",
         type=int,
         default=0,
@@ -210,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
             {t: models.load(f"tiny-{t}") for t in ("denoise", "lamella", "semantic", "instance")},
             {},
         )
-    tomos = held_out(args.quick)
+    tomos = held_out(args.quick, args.extra)
     rows = []
     for tname, s in tomos:
         data = pp.normalize(s.volumes["noisy"].assign_attrs(voxel_size=10.0), invert=False)
@@ -224,7 +250,12 @@ def main(argv: list[str] | None = None) -> None:
     df = pd.DataFrame(rows)
     mean = df.groupby("models", sort=False).mean(numeric_only=True).reset_index()
     mean.insert(0, "tomogram", "mean")
-    table = pd.concat([df, mean], ignore_index=True)
+    parts = [df, mean]
+    if len(tomos) > len(TEST_SEEDS):  # how much a metric moves between tomograms
+        sd = df.groupby("models", sort=False).std(numeric_only=True).reset_index()
+        sd.insert(0, "tomogram", "std")
+        parts.append(sd)
+    table = pd.concat(parts, ignore_index=True)
     cols = [
         "tomogram",
         "models",
@@ -249,7 +280,8 @@ def main(argv: list[str] | None = None) -> None:
     emit(
         table,
         "multitask_quality",
-        f"Held-out quality (tilt series, 10 Å, seeds {TEST_SEEDS}); thesis noisy: semantic "
+        f"Held-out quality (tilt series, 10 Å, seeds {TEST_SEEDS[0]}–"
+        f"{TEST_SEEDS[0] + len(tomos) - 1}); thesis noisy: semantic "
         f"all classes {THESIS['semantic_all']}, AP-50 {THESIS['ap50']}",
     )
     if args.no_robustness:

@@ -200,3 +200,33 @@ def test_multitask_bench_leaves_small_picking_undefined_without_small_particles(
     truth.volumes["instances"] = xr.DataArray(small)
     r = bm.score(out, truth)
     assert r["recall_small"] == 0.0 and r["f1_small"] == 0.0
+
+
+def test_bench_multitask_extra_held_out_tomograms_take_the_next_seeds(monkeypatch):
+    """``--extra N`` adds N held-out scenes on the seeds after the standard three, in the
+    same cycle of samples and shapes, so the standard three stay the first rows."""
+    from cryosiam_nb import sim
+
+    bm = _module("bench_multitask")
+    calls = []
+    monkeypatch.setattr(
+        sim, "simulate", lambda shape, **kw: calls.append((shape, kw["sample"], kw["seed"]))
+    )
+    names = [n for n, _ in bm.held_out(False, extra=4)]
+    assert [c[2] for c in calls] == list(range(9101, 9108))
+    assert [c[1] for c in calls] == ["general", "transcription", "general"] * 2 + ["general"]
+    assert [c[0][0] for c in calls] == [96, 96, 128, 96, 96, 128, 96]
+    assert names[:3] == [k[0] for k in bm._KINDS] and "seed 9104" in names[3]
+    # and none of them is a seed the multi-task recipe simulates with
+    from cryosiam_nb.training.recipe import RECIPE
+
+    mc = RECIPE["multitask"]
+    used = set()
+    for st in [mc, *(v for v in mc.values() if isinstance(v, dict))]:
+        if "seed" in st:
+            used |= set(range(st["seed"], st["seed"] + st.get("n", 1)))
+        if "val_seed" in st:
+            used |= set(range(st["val_seed"], st["val_seed"] + st.get("val_n", 1)))
+        for spec in [st, *st.get("sets", ())]:
+            used |= set(spec.get("seeds", ()))
+    assert len(used) > 100 and not used & set(range(9101, 9108))

@@ -49,3 +49,22 @@ def test_bad_input_gives_message_and_exit_code_2(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "missing.mrc" in err and "no such file" in err
+
+
+def test_dense_commands_pass_test_time_augmentation(tmp_path, write_mrc, rng, monkeypatch):
+    """``--tta N`` reaches ``tl.predict`` (off by default); a count above 8 is refused."""
+    from cryosiam_nb import tl
+
+    seen, predict = [], tl.predict
+
+    def recorded(data, model, **kwargs):
+        seen.append(kwargs.get("tta"))
+        return predict(data, model, **kwargs)
+
+    monkeypatch.setattr(tl, "predict", recorded)
+    src = write_mrc(rng.normal(size=(16, 32, 32)).astype(np.float32), voxel_size=10.0)
+    assert cli.main(["segment", str(src), str(tmp_path / "a.zarr"), "--tta", "2"]) == 0
+    assert cli.main(["denoise", str(src), str(tmp_path / "b.zarr")]) == 0
+    assert seen == [2, 0]
+    with pytest.raises(SystemExit):
+        cli.main(["segment", str(src), str(tmp_path / "c.zarr"), "--tta", "9"])

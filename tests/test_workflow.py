@@ -204,6 +204,33 @@ def test_a_dict_of_per_task_models_runs_each_once(dataset, tmp_path, monkeypatch
     assert again["status"] == "skipped" and len(passes) == 4
 
 
+def test_test_time_augmentation_reaches_the_pass_and_the_marker(dataset, tmp_path, monkeypatch):
+    """``tta=N`` runs the dense pass over N flips, is recorded in the marker, and a
+    finished folder made without it is not silently reused with it (nor the reverse)."""
+    path = dataset / "tomo0.mrc"
+    seen, predict = [], tl.predict
+
+    def recorded(data, model, **kwargs):
+        seen.append(kwargs.get("tta"))
+        ds = predict(data, model, **kwargs)
+        seen.append(ds.attrs.get("tta_flips"))
+        return ds
+
+    monkeypatch.setattr(tl, "predict", recorded)
+    info = workflow.process_tomogram(path, tmp_path, tta=2, **OPTIONS)
+    assert info["status"] == "computed" and info["settings"]["tta"] == 2
+    assert seen == [2, 2]  # one multi-task pass, over 2 flips
+    with pytest.raises(InputError, match="tta differ"):
+        workflow.process_tomogram(path, tmp_path, **OPTIONS)
+    with pytest.raises(InputError, match="tta: True, False or a number of flips"):
+        workflow.process_tomogram(path, tmp_path / "other", tta=9, **OPTIONS)
+    assert workflow.process_tomogram(path, tmp_path, tta=2, **OPTIONS)["status"] == "skipped"
+    # off (the default) leaves the marker as before the option existed
+    assert "tta" not in workflow._settings(
+        workflow._resolve_models(None), None, True, None, None, "auto", 1
+    )
+
+
 def test_inputs_are_checked(dataset, tmp_path):
     assert list(workflow.list_inputs(dataset)) == [f"tomo{i}" for i in range(N_TOMOS)]
     assert list(workflow.list_inputs({"a": dataset / "tomo1.mrc"})) == ["a"]

@@ -152,7 +152,7 @@ def denoise(args: argparse.Namespace) -> None:
 
     _guard(args, [args.input, *_model_input(args)], [(args.output, VOLUME)])
     model = _model(args)
-    ds = tl.predict(_load_input(args, model), model, device=args.device)
+    ds = tl.predict(_load_input(args, model), model, device=args.device, tta=args.tta)
     io.write(ds["denoised"], args.output, overwrite=args.overwrite, progress=args.progress)
     print(f"wrote {args.output}")
 
@@ -167,7 +167,9 @@ def segment(args: argparse.Namespace) -> None:
     outputs = [(args.output, VOLUME)] + ([(args.maps, MAPS)] if args.maps else [])
     _guard(args, [args.input, *_model_input(args)], outputs)
     model = _model(args)
-    ds = tl.outputs_of(tl.predict(_load_input(args, model), model, device=args.device), "semantic")
+    ds = tl.outputs_of(
+        tl.predict(_load_input(args, model), model, device=args.device, tta=args.tta), "semantic"
+    )
     labels = ds["labels"]
     if args.maps:  # the model runs once: the labels are read back from the maps
         tl.write_predictions(ds, args.maps, progress=args.progress, overwrite=args.overwrite)
@@ -193,7 +195,7 @@ def instances(args: argparse.Namespace) -> None:
     _guard(args, [args.input, *_model_input(args)], [(vol_out, VOLUME), (table_out, TABLE)])
     model = _model(args)
     data = _load_input(args, model)
-    maps = tl.predict(data, model, device=args.device).compute()
+    maps = tl.predict(data, model, device=args.device, tta=args.tta).compute()
     labels = tl.instances(maps, min_size=args.min_size, progress=args.progress)
     table = tl.particles(labels, name=args.input.stem, progress=args.progress)
     n_max = int(labels.max()) if labels.size else 0

@@ -120,7 +120,7 @@ def _pipeline(
         # semantic / instance runs inside the lamella.
         model = _model(models[key])
         if id(model) not in passes:
-            passes[id(model)] = tl.predict(data, model, roi=roi).compute()
+            passes[id(model)] = tl.predict(data, model, roi=roi, tta=s.get("tta", 0)).compute()
         return tl.outputs_of(passes[id(model)], key)
 
     den = outputs("denoise")["denoised"]
@@ -201,6 +201,7 @@ def process_tomogram(
     instance_params: Mapping[str, Any] | None = None,
     picker: str = "auto",
     rotations: int = 12,
+    tta: bool | int = False,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run the dense pipeline on one tomogram into ``out_dir/<name>/`` (skip it when done).
@@ -246,6 +247,11 @@ def process_tomogram(
         model finds fewer than ``min_model_particles``.
     rotations
         Box rotations averaged by ``tl.embed`` (1, 4, 12 or 24).
+    tta
+        Test-time augmentation of the dense models (``tl.predict(tta=...)``): ``True`` or
+        a number of flips up to 8 averaged per window. Off by default: 8 flips took 6.6×
+        the time and raised the held-out semantic Dice from 0.633 to 0.655, actin from
+        0.12 to 0.21 and AP-50 from 0.239 to 0.258 (``tiny-multitask``, nine tomograms).
     overwrite
         Recompute even when the folder is finished.
 
@@ -260,7 +266,7 @@ def process_tomogram(
     name = name or path.stem
     models_ = _resolve_models(models)
     settings = _settings(
-        models_, voxel_size, invert, lamella_params, instance_params, picker, rotations
+        models_, voxel_size, invert, lamella_params, instance_params, picker, rotations, tta
     )
     return _run_one(path, name, Path(out_dir), models_, settings, overwrite)
 
@@ -333,6 +339,7 @@ def run_dataset(
     instance_params: Mapping[str, Any] | None = None,
     picker: str = "auto",
     rotations: int = 12,
+    tta: bool | int = False,
     k: int | None = None,
     seed: int = 0,
     client: Any = None,
@@ -358,7 +365,7 @@ def run_dataset(
     out_dir
         Dataset folder: ``out_dir/<tomogram>/`` per tomogram and the combined
         ``out_dir/particles.zarr``.
-    models, voxel_size, invert, lamella_params, instance_params, picker, rotations
+    models, voxel_size, invert, lamella_params, instance_params, picker, rotations, tta
         As in :func:`process_tomogram` (the same for every tomogram; a finished tomogram
         made with other settings is an error unless ``overwrite``).
     k
@@ -389,7 +396,7 @@ def run_dataset(
     out.mkdir(parents=True, exist_ok=True)
     models_ = _resolve_models(models)
     settings = _settings(
-        models_, voxel_size, invert, lamella_params, instance_params, picker, rotations
+        models_, voxel_size, invert, lamella_params, instance_params, picker, rotations, tta
     )
     todo, results = [], []
     for name, path in items.items():

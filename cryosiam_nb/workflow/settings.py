@@ -72,10 +72,14 @@ def _settings(
     instance_params: Mapping[str, Any] | None,
     picker: str,
     rotations: int,
+    tta: bool | int = False,
 ) -> dict[str, Any]:
     """Everything that decides a tomogram's outputs, JSON-able (compared on resume)."""
     if picker not in _PICKERS:
         raise InputError(f"picker: expected one of {_PICKERS}, got {picker!r}")
+    n_tta = 8 if tta is True else int(tta)
+    if not 0 <= n_tta <= 8:
+        raise InputError(f"tta: True, False or a number of flips from 0 to 8, got {tta!r}")
     # the lamella model's calibrated threshold (lamella_params override it)
     lam_meta = getattr(_model(models["lamella"]), "metadata", {}) or {}
     lam = {
@@ -109,6 +113,8 @@ def _settings(
         "instance_defaults": json.loads(json.dumps(tuned)),
         "picker": picker,
         "rotations": int(rotations),
+        # only when on: markers written without test-time augmentation stay resumable
+        **({"tta": n_tta} if n_tta > 1 else {}),
         # only when the model has some: markers written before them stay resumable
         **(
             {"semantic_defaults": json.loads(json.dumps(sem_meta["semantic_defaults"]))}

@@ -77,7 +77,7 @@ def _settings(
     """Everything that decides a tomogram's outputs, JSON-able (compared on resume)."""
     if picker not in _PICKERS:
         raise InputError(f"picker: expected one of {_PICKERS}, got {picker!r}")
-    n_tta = 8 if tta is True else int(tta)
+    n_tta = 8 if tta is True else tta if isinstance(tta, int) else -1
     if not 0 <= n_tta <= 8:
         raise InputError(f"tta: True, False or a number of flips from 0 to 8, got {tta!r}")
     # the lamella model's calibrated threshold (lamella_params override it)

@@ -63,21 +63,17 @@ def held_out(quick: bool, extra: int = 0) -> list[tuple[str, object]]:
     from cryosiam_nb import sim
 
     if quick:
-        specs = [("general 64×128×128", (64, 128, 128), "general", TEST_SEEDS[0], {})]
+        specs = [("general 64×128×128", (64, 128, 128), "general", TEST_SEEDS[0])]
     else:
-        specs = [
-            (
-                name if i < len(TEST_SEEDS) else f"{name} (seed {TEST_SEEDS[0] + i})",
-                shape,
-                sample,
-                TEST_SEEDS[0] + i,
-                {},
+        specs = []
+        for i in range(len(TEST_SEEDS) + max(int(extra), 0)):
+            name, shape, sample = _KINDS[i % len(_KINDS)]
+            seed = TEST_SEEDS[0] + i
+            specs.append(
+                (name if i < len(TEST_SEEDS) else f"{name} (seed {seed})", shape, sample, seed)
             )
-            for i in range(len(TEST_SEEDS) + max(int(extra), 0))
-            for name, shape, sample in [_KINDS[i % len(_KINDS)]]
-        ]
     out = []
-    for name, shape, sample, seed, kw in specs:
+    for name, shape, sample, seed in specs:
         s = sim.simulate(
             shape,
             voxel_size=10.0,
@@ -86,7 +82,6 @@ def held_out(quick: bool, extra: int = 0) -> list[tuple[str, object]]:
             mode="tilt",
             progress=False,
             keep_tilt_series=False,
-            **kw,
         )
         out.append((name, s))
     return out

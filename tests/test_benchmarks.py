@@ -229,4 +229,6 @@ def test_bench_multitask_extra_held_out_tomograms_take_the_next_seeds(monkeypatc
             used |= set(range(st["val_seed"], st["val_seed"] + st.get("val_n", 1)))
         for spec in [st, *st.get("sets", ())]:
             used |= set(spec.get("seeds", ()))
+            if "seed" in spec and spec is not st:  # e.g. the refiner's sets
+                used |= set(range(spec["seed"], spec["seed"] + spec.get("n", 1)))
     assert len(used) > 100 and not used & set(range(9101, 9108))

@@ -36,6 +36,7 @@ __all__ = [
     "FusedTaskHeads",
     "MultiTaskHeads",
     "CryoSiamModel",
+    "SemanticRefiner",
     "conv_head",
     "HEAD_LAYOUTS",
 ]
@@ -409,6 +410,63 @@ class MultiTaskHeads(nn.Module):
         return out
 
 
+class SemanticRefiner(nn.Module):
+    """A small 3D U-Net (MONAI ``UNet``) that corrects a multi-task network's semantic logits.
+
+    It reads the input tomogram, the denoise head's output and the semantic head's
+    log-probabilities (clipped at ``log(min_probability)``), and adds a correction to
+    those log-probabilities: ``refined = log p + head(unet(...))``. The 1×1 ``head`` starts
+    at zero, so an untrained refiner returns the heads' own decision. It sees more context
+    than the heads (three stride-2 levels: its receptive field spans tens of voxels), which
+    is what separates actin from microtubule walls and particle specks. ``forward`` pads
+    windows whose sizes are not multiples of 2^levels (replicate) and crops back.
+    """
+
+    def __init__(
+        self,
+        n_classes: int,
+        channels: Sequence[int] = (16, 32, 48, 64),
+        width: int = 16,
+        norm: str = "batch",
+        min_probability: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        from monai.networks.nets import UNet
+
+        self.n_classes = int(n_classes)
+        self.levels = len(channels) - 1
+        self.log_floor = math.log(float(min_probability))
+        self.unet = UNet(
+            spatial_dims=3,
+            in_channels=2 + self.n_classes,
+            out_channels=int(width),
+            channels=tuple(int(c) for c in channels),
+            strides=(2,) * self.levels,
+            num_res_units=1,
+            norm=norm,
+        )
+        self.head = nn.Conv3d(int(width), self.n_classes, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(
+        self, x: torch.Tensor, denoised: torch.Tensor, logits: torch.Tensor
+    ) -> torch.Tensor:
+        """Refined logits ``(N, n_classes, Z, Y, X)`` from the input ``x`` ``(N, 1, …)``,
+        the denoised map ``(N, 1, …)`` and the semantic logits (all on one grid)."""
+        lp = F.log_softmax(logits.float(), dim=1).clamp(min=self.log_floor).to(logits.dtype)
+        inp = torch.cat([x.to(lp.dtype), denoised.to(lp.dtype), lp / 4.0], dim=1)
+        size = inp.shape[2:]
+        m = 2**self.levels
+        pad = [(-s) % m for s in size]
+        if any(pad):
+            inp = F.pad(inp, [v for p in reversed(pad) for v in (0, p)], mode="replicate")
+        corr = self.head(F.relu(self.unet(inp)))
+        if any(pad):
+            corr = corr[..., : size[0], : size[1], : size[2]]
+        return lp + corr
+
+
 class CryoSiamModel(nn.Module):
     """A CryoSiam network for one task, with the metadata needed to use it.
 
@@ -454,6 +512,10 @@ class CryoSiamModel(nn.Module):
         }
         self.metadata: dict[str, Any] = dict(metadata or {})
         self._frozen = "none"
+        #: optional :class:`SemanticRefiner` of a multi-task model (``config["refiner"]``)
+        self.refiner: SemanticRefiner | None = None
+        if config.get("refiner") is not None:
+            self.refiner = SemanticRefiner(**config["refiner"])
 
     # -- inference ----------------------------------------------------------------------
     @property
@@ -467,7 +529,36 @@ class CryoSiamModel(nn.Module):
         z = self.backbone(x)
         if self.heads is None:
             return {"embedding": z}
-        return self.heads(z)
+        out = self.heads(z)
+        if self.refiner is not None:
+            out["semantic/logits"] = self.refiner(
+                x, out["denoise/denoised"], out["semantic/logits"]
+            )
+        return out
+
+    def add_refiner(self, **kwargs: Any) -> SemanticRefiner:
+        """Give a multi-task model a fresh :class:`SemanticRefiner` (``kwargs`` go to it;
+        ``n_classes`` is the semantic head's), recorded in ``config["refiner"]`` so that
+        checkpoints rebuild it. Replaces an existing refiner."""
+        if self.task != "multitask" or "semantic" not in self.part_classes:
+            raise ValueError("add_refiner: only a multi-task model with a semantic head")
+        if "denoise" not in getattr(self.heads, "tasks", ()):
+            raise ValueError("add_refiner: the refiner reads the denoise head; it has none")
+        kw = {"n_classes": len(self.part_classes["semantic"]), **kwargs}
+        kw["channels"] = [int(c) for c in kw.get("channels", (16, 32, 48, 64))]
+        self.refiner = SemanticRefiner(**kw).train(self.training)
+        self.config["refiner"] = kw
+        return self.refiner
+
+    def remove_refiner(self) -> bool:
+        """Drop the :class:`SemanticRefiner` (and its metadata); True if there was one.
+        Whatever changes the heads' semantic output (a training stage, a new calibration)
+        invalidates the refiner trained on it."""
+        had = self.refiner is not None
+        self.refiner = None
+        self.config.pop("refiner", None)
+        self.metadata.pop("semantic_refiner", None)
+        return had
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """L2-normalised ``(N, D)`` embedding of subtomograms ``x`` ``(N, 1, B, B, B)``.

@@ -201,6 +201,29 @@ def _card(
             if md.get("semantic_defaults")
             else []
         ),
+        *(
+            [
+                "- Semantic refiner (`models.networks.SemanticRefiner`, "
+                f"`{json.dumps(model.config.get('refiner'))}`): a small U-Net trained last "
+                "(`training.refiner.train_refiner`; backbone and heads untouched) on the "
+                "calibrated model's own `tl.predict` output for "
+                f"{md['semantic_refiner'].get('tomograms')} tomograms "
+                f"(`{json.dumps(md['semantic_refiner'].get('sets'))}`, shape "
+                f"{md['semantic_refiner'].get('shape')}, voxel size "
+                f"{md['semantic_refiner'].get('voxel_range')} Å rescaled to 10 Å), settings "
+                f"`{json.dumps(md['semantic_refiner'].get('training'))}`, CE class weights "
+                f"{[round(w, 2) for w in md['semantic_refiner'].get('class_weights', [])]}, "
+                f"{md['semantic_refiner'].get('train_seconds', 0) / 60:.0f} min; then its "
+                "per-class offsets "
+                f"{[round(b, 2) for b in md['semantic_refiner'].get('class_bias', [])]} and "
+                "the minimum sizes above chosen on the `calibration_set` tomograms "
+                "(`training.refiner.calibrate_refiner`; mean Dice "
+                f"{md['semantic_refiner'].get('calibrated_semantic_dice', float('nan')):.3f}). "
+                "`tl.predict` runs it in every window, after the heads"
+            ]
+            if md.get("semantic_refiner")
+            else []
+        ),
         "- Calibration tomograms: the validation tomograms above (stage 1's and every "
         "chained stage's) plus "
         f"{len((mc.get('calibration_val') or {}).get('seeds', ()))} with the simulator's "

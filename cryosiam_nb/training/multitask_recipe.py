@@ -295,9 +295,11 @@ def train_shipped_multitask(
     _save_with_metadata(model, path)
     for name in STAGES:
         val = _new_tomograms(val, train_stage(path, cfg, name, progress))
-    return finish_shipped_multitask(
-        path, cfg, command + f" --only multitask --epochs {n_epochs}", progress, val
-    )
+    cmd = command + f" --only multitask --epochs {n_epochs}"
+    metrics = finish_shipped_multitask(path, cfg, cmd, progress, val)
+    from .refiner import refine_shipped_multitask
+
+    return {**metrics, **refine_shipped_multitask(cfg, out, cmd, progress, resume, chained=True)}
 
 
 def _new_tomograms(val: list, more: list) -> list:
@@ -338,6 +340,7 @@ def train_stage(
     t_start = time.perf_counter()
     sims = [_simulated(st, p, progress) for p in ("", "val_")]
     first = models.load(path)
+    first.remove_refiner()  # trained on the heads this stage changes; the recipe re-trains it
     old = first.metadata.pop("semantic_prior", {}).get("shift")
     if old:  # train the raw logits, not the calibrated ones
         from .calibration import shift_logits
@@ -416,7 +419,10 @@ def continue_shipped_multitask(
         + " --only multitask "
         + ("--stages " + " ".join(stages) if stages else "--calibrate-only")
     )
-    return finish_shipped_multitask(path, cfg, cmd, progress, val)
+    metrics = finish_shipped_multitask(path, cfg, cmd, progress, val)
+    from .refiner import refine_shipped_multitask
+
+    return {**metrics, **refine_shipped_multitask(cfg, out, cmd, progress, resume, chained=True)}
 
 
 def _save_with_metadata(model: Any, path: Path) -> None:
@@ -509,6 +515,8 @@ def finish_shipped_multitask(
     cal = calibration_set(mc, progress)
     val = list(val) + cal
     model = models.load(path)
+    if model.remove_refiner():  # calibrated on the old heads' output: re-trained afterwards
+        print("the semantic refiner was dropped: re-train it (--refine-only) after calibrating")
     cw = (model.metadata.get("training", {}).get("class_weights") or {}).get("semantic")
     if cw:
         old = model.metadata.get("semantic_prior", {}).get("shift")

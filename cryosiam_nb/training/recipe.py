@@ -92,6 +92,11 @@ _CALIBRATION_SET: dict[str, Any] = {
     "shape": (96, 192, 192),
 }
 
+#: the refiner's tomograms: stage 3's structure counts, all samples, projection SNR 0.02–0.4
+_RARE_STRUCTURES: dict[str, Any] = {"structures": _RARE_CLASSES["structures"]}
+_ALL_SAMPLES = ("general", "transcription", "chromatin", "general")
+_LOW = {"snr_range": (0.02, 0.4)}
+
 RECIPE: dict[str, Any] = {
     "sim": {"n": 8, "shape": (48, 96, 96), "voxel_size": 10.0, "seed": 2024, "mode": "tilt"},
     "dense_ssl": {
@@ -244,6 +249,19 @@ RECIPE: dict[str, Any] = {
             "lr": 5e-4,
             "seed_train": 11,
         },
+        # the semantic refiner, trained last on the calibrated model's predictions (see
+        # training.refiner): actin/microtubule-rich general samples and the sample mix
+        "refiner": {
+            "sets": (
+                {"n": 20, "seed": 8000, "samples": ("general",), **_RARE_STRUCTURES},
+                {"n": 20, "seed": 8020, "samples": ("general",), **_RARE_STRUCTURES, **_LOW},
+                {"n": 10, "seed": 8100, "samples": _ALL_SAMPLES},
+                {"n": 10, "seed": 8110, "samples": _ALL_SAMPLES, **_LOW},
+            ),
+            "shape": (96, 160, 160),
+            "voxel_range": (8.0, 12.0),
+            "steps": 3000,
+        },
         # calibration (semantic prior correction, lamella threshold) also sees tomograms
         # with the simulator's default imaging (10 Å, projection SNR 0.1, default thickness
         # and structure counts), at a realistic size; validation seeds only. The instance
@@ -326,6 +344,8 @@ QUICK: dict[str, Any] = _overridden(
             "shape": (32, 48, 48),
             "mode": "fast",
         },
+        "refiner": {"sets": ({"n": 2, "seed": 8000, "samples": ("general",)},), "mode": "fast"}
+        | {"shape": (32, 48, 48), "voxel_range": (9, 11), "patch_size": 24, "steps": 3},
         "voxel_calibration": {
             "voxel_sizes": (10.0, 14.0),
             "sets": (
@@ -469,6 +489,11 @@ def main(argv: list[str] | None = None) -> int:
         "prior correction, instance post-processing) and rewrite its card",
     )
     p.add_argument(
+        "--refine-only",
+        action="store_true",
+        help="multitask: only (re)train and calibrate the refiner of tiny-multitask.pt in --out",
+    )
+    p.add_argument(
         "--stages",
         nargs="+",
         default=None,
@@ -493,9 +518,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if "multitask" in todo:
         from .multitask_recipe import continue_shipped_multitask, train_shipped_multitask
+        from .refiner import refine_shipped_multitask
 
         t0 = time.perf_counter()
-        if args.stages or args.calibrate_only:
+        if args.refine_only:
+            report["multitask"] = refine_shipped_multitask(
+                cfg, out, command + " --only multitask --refine-only", progress, args.resume
+            )
+        elif args.stages or args.calibrate_only:
             report["multitask"] = continue_shipped_multitask(
                 cfg, out, command, args.stages or [], progress, args.resume
             )

@@ -1,0 +1,347 @@
+"""Train and calibrate the semantic refiner of a multi-task model
+(:class:`~cryosiam_nb.models.networks.SemanticRefiner`).
+
+The refiner is a second, small network that reads what the multi-task heads made of a
+tomogram (the input, the denoised map and the semantic log-probabilities) and corrects the
+semantic logits with more context than the heads see. It is trained on the whole-tomogram
+predictions of the frozen, calibrated multi-task model (``tl.predict``), one random patch
+at a time, then its own per-class offsets and minimum component sizes are chosen on
+calibration tomograms and folded into its last layer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import xarray as xr
+
+from cryosiam_nb.io import InputError
+
+from .data import Tomogram
+
+__all__ = [
+    "refiner_inputs",
+    "train_refiner",
+    "calibrate_refiner",
+    "refine_shipped_multitask",
+    "REFINER_DEFAULTS",
+]
+
+#: training settings of :func:`train_refiner` (the recipe's ``multitask["refiner"]``
+#: overrides them): patch side (voxels), patches per step, steps, peak learning rate
+#: (one-cycle), the share of patches centred on a voxel of ``focus`` classes, the classes
+#: whose soft Dice is added to the CE loss (weight ``dice_weight``), and the cap of the
+#: CE class weights (square root of inverse frequency, the most common class 1)
+REFINER_DEFAULTS: dict[str, Any] = {
+    "patch_size": 48,
+    "batch_size": 4,
+    "steps": 3000,
+    "lr": 2e-3,
+    "focus": ("microtubule", "actin"),
+    "focus_fraction": 0.6,
+    "dice_classes": ("actin",),
+    "dice_weight": 0.5,
+    "max_class_weight": 10.0,
+    "seed": 0,
+}
+
+
+def _without_refiner(model: Any) -> Any:
+    import copy
+
+    if getattr(model, "refiner", None) is None:
+        return model
+    base = copy.deepcopy(model)
+    base.remove_refiner()
+    return base
+
+
+def refiner_inputs(
+    model: Any, tomograms: Sequence[Tomogram], progress: bool = True
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``[(inputs, labels)]`` per tomogram: ``inputs`` float16 ``(2 + C, Z, Y, X)`` (the
+    normalised tomogram, ``model``'s denoised map, its semantic probabilities from
+    ``tl.predict`` without any refiner), ``labels`` the semantic label volume (uint8)."""
+    from tqdm.auto import tqdm
+
+    from cryosiam_nb.inference import predict
+
+    base = _without_refiner(model)
+    out = []
+    for t in tqdm(tomograms, desc="refiner inputs", disable=not progress):
+        if "semantic" not in t.labels:
+            raise InputError(f"{t.name}: no semantic labels to train the refiner on")
+        img = xr.DataArray(
+            np.asarray(t.image, np.float32),
+            dims=("z", "y", "x"),
+            attrs={"voxel_size": float(t.voxel_size or base.voxel_size or 10.0)},
+        )
+        ds = predict(img, base).compute()
+        x = np.concatenate(
+            [
+                img.values[None],
+                ds["denoised"].values[None],
+                ds["semantic_probabilities"].values,
+            ]
+        ).astype(np.float16)
+        out.append((x, np.asarray(t.labels["semantic"], np.uint8)))
+    return out
+
+
+def _class_weights(labels: Sequence[np.ndarray], n: int, cap: float) -> np.ndarray:
+    counts = np.zeros(n)
+    for y in labels:
+        counts += np.bincount(y.ravel(), minlength=n)[:n]
+    w = np.sqrt(counts.sum() / np.maximum(counts, 1) / n)
+    w = np.clip(w / w[counts > 0].min(), 1.0, cap)
+    return w.astype(np.float32)
+
+
+def _patch(
+    rng: np.random.Generator,
+    x: np.ndarray,
+    y: np.ndarray,
+    centres: np.ndarray,
+    p: int,
+    focus: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One patch (side ``p``), centred near a focus voxel with probability ``focus``,
+    randomly flipped on each axis and turned by k·90° in the (y, x) plane."""
+    shape = np.array(y.shape)
+    if rng.random() < focus and len(centres):
+        c = centres[rng.integers(len(centres))]
+        lo = np.clip(c - p // 2 + rng.integers(-8, 9, 3), 0, shape - p)
+    else:
+        lo = np.array([rng.integers(0, n - p + 1) for n in shape])
+    sl = tuple(slice(int(a), int(a) + p) for a in lo)
+    xp, yp = x[(slice(None), *sl)].astype(np.float32), y[sl].astype(np.int64)
+    for ax in range(3):
+        if rng.random() < 0.5:
+            xp, yp = np.flip(xp, ax + 1), np.flip(yp, ax)
+    k = int(rng.integers(4))
+    xp, yp = np.rot90(xp, k, (2, 3)), np.rot90(yp, k, (1, 2))
+    return np.ascontiguousarray(xp), np.ascontiguousarray(yp)
+
+
+def train_refiner(
+    model: Any,
+    data: Sequence[tuple[np.ndarray, np.ndarray]],
+    out: str | Path | None = None,
+    progress: bool = True,
+    **settings: Any,
+) -> dict[str, Any]:
+    """Give ``model`` (multi-task, calibrated) a fresh refiner and train it on ``data``
+    (:func:`refiner_inputs`); the rest of the model is not touched.
+
+    Loss: CE with class weights (square root of inverse frequency over ``data``, capped)
+    plus ``dice_weight`` × the soft Dice of ``dice_classes``. ``settings`` override
+    :data:`REFINER_DEFAULTS`. With ``out`` (a file), the optimiser state is saved there every
+    250 steps and an interrupted run resumes from it; the file is removed at the end.
+    Returns the training record stored in ``model.metadata["semantic_refiner"]``.
+    """
+    from tqdm.auto import tqdm
+
+    st = {**REFINER_DEFAULTS, **settings}
+    unknown = sorted(set(settings) - set(REFINER_DEFAULTS))
+    if unknown:
+        raise InputError(f"refiner settings: unknown {unknown}; known {sorted(REFINER_DEFAULTS)}")
+    if not data:
+        raise InputError("refiner: no training tomograms")
+    names = list(model.part_classes.get("semantic", ()))
+    n = len(names)
+    p = int(st["patch_size"])
+    small = [i for i, (_, y) in enumerate(data) if min(y.shape) < p]
+    if small:
+        raise InputError(f"refiner: tomograms {small} are smaller than the {p}-voxel patch")
+    refiner = model.add_refiner()
+    dev = next(model.parameters()).device
+    refiner.to(dev)
+    w = _class_weights([y for _, y in data], n, float(st["max_class_weight"]))
+    focus = [names.index(c) for c in st["focus"] if c in names]
+    dice = [names.index(c) for c in st["dice_classes"] if c in names]
+    centres = [np.argwhere(np.isin(y[::2, ::2, ::2], focus)) * 2 for _, y in data]
+    steps = int(st["steps"])
+    opt = torch.optim.AdamW(refiner.parameters(), lr=float(st["lr"]), weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, float(st["lr"]), total_steps=steps, pct_start=0.05
+    )
+    start = 0
+    state = Path(out) if out else None
+    if state is not None and state.exists():
+        ck = torch.load(state, map_location=dev, weights_only=True)
+        refiner.load_state_dict(ck["refiner"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        start = int(ck["step"])
+    torch.manual_seed(int(st["seed"]) + start)
+    rng = np.random.default_rng([int(st["seed"]), start])
+    wt = torch.as_tensor(w, device=dev)
+    refiner.train()
+    t0, run = time.perf_counter(), None
+    bar = tqdm(range(start, steps), desc="refiner", disable=not progress)
+    for step in bar:
+        xb, yb = [], []
+        for _ in range(int(st["batch_size"])):
+            i = int(rng.integers(len(data)))
+            xp, yp = _patch(rng, *data[i], centres[i], p, float(st["focus_fraction"]))
+            xb.append(xp)
+            yb.append(yp)
+        x = torch.from_numpy(np.stack(xb)).to(dev)
+        y = torch.from_numpy(np.stack(yb)).to(dev)
+        logits = torch.log(x[:, 2:].clamp(min=1e-6))
+        pred = refiner(x[:, :1], x[:, 1:2], logits)
+        loss = F.cross_entropy(pred, y, weight=wt)
+        prob = pred.softmax(1)
+        for c in dice:
+            pc, gc = prob[:, c], (y == c).float()
+            loss = loss + float(st["dice_weight"]) * (
+                1 - (2 * (pc * gc).sum() + 1) / (pc.sum() + gc.sum() + 1)
+            )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        run = loss.item() if run is None else 0.98 * run + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{run:.3f}")
+        if state is not None and ((step + 1) % 250 == 0 or step + 1 == steps):
+            tmp = state.with_name(state.name + ".tmp")
+            torch.save(
+                {
+                    "refiner": refiner.state_dict(),
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict(),
+                    "step": step + 1,
+                },
+                tmp,
+            )
+            tmp.replace(state)
+    refiner.eval()
+    if state is not None and state.exists():
+        state.unlink()
+    record = {
+        "training": {k: list(v) if isinstance(v, tuple) else v for k, v in st.items()},
+        "class_weights": [float(v) for v in w],
+        "tomograms": len(data),
+        "final_loss": float(run) if run is not None else None,
+        "train_seconds": time.perf_counter() - t0,
+    }
+    model.metadata["semantic_refiner"] = record
+    return record
+
+
+def calibrate_refiner(
+    model: Any,
+    tomograms: Sequence[Tomogram],
+    progress: bool = True,
+) -> tuple[np.ndarray, list[int], Any]:
+    """Per-class offsets of the refined logits and the per-class minimum component sizes,
+    chosen together by :func:`~cryosiam_nb.training.calibration.class_bias_ascent` (each
+    class weighed alike) on ``tomograms`` (the simulator's default imaging), starting from
+    the model's current ``semantic_defaults``. The offsets are folded into the refiner's
+    last layer, the sizes stored in ``metadata["semantic_defaults"]``; returns
+    ``(offsets, sizes, table of accepted moves)``."""
+    from tqdm.auto import tqdm
+
+    from cryosiam_nb.inference import predict
+
+    from .calibration import SEMANTIC_MIN_SIZES, class_bias_ascent
+
+    if getattr(model, "refiner", None) is None:
+        raise InputError("calibrate_refiner: the model has no refiner")
+    if not tomograms:
+        raise InputError("calibrate_refiner: no calibration tomograms")
+    lps, gts = [], []
+    for t in tqdm(tomograms, desc="calibrate refiner", disable=not progress):
+        img = xr.DataArray(
+            np.asarray(t.image, np.float32),
+            dims=("z", "y", "x"),
+            attrs={"voxel_size": float(t.voxel_size or model.voxel_size or 10.0)},
+        )
+        prob = predict(img, model)["semantic_probabilities"].values
+        lps.append(np.log(np.clip(prob, 1e-6, None)).astype(np.float32))
+        gts.append(np.asarray(t.labels["semantic"]))
+    start = (model.metadata.get("semantic_defaults") or {}).get("min_size")
+    bias, table = class_bias_ascent(lps, gts, min_sizes=SEMANTIC_MIN_SIZES, start_min_size=start)
+    sizes = [int(v) for v in table.iloc[-1]["min_size"]]
+    with torch.no_grad():
+        b = model.refiner.head.bias
+        b += torch.as_tensor(bias, dtype=b.dtype, device=b.device)
+    model.metadata["semantic_defaults"] = {"min_size": sizes}
+    rec = model.metadata.setdefault("semantic_refiner", {})
+    rec["class_bias"] = [float(v) for v in bias]
+    rec["calibrated_semantic_dice"] = float(table.iloc[-1]["semantic_dice"])
+    return bias, sizes, table
+
+
+def refine_shipped_multitask(
+    cfg: dict[str, Any],
+    out: Path,
+    command: str,
+    progress: bool = True,
+    resume: bool = False,
+    chained: bool = False,
+) -> dict[str, float]:
+    """Train the semantic refiner of ``out/tiny-multitask.pt`` (replacing any) on
+    ``cfg["multitask"]["refiner"]``'s tomograms, calibrate it on :func:`~cryosiam_nb.training.multitask_recipe.calibration_set`
+    (:func:`calibrate_refiner`) and rewrite the card.
+    Without a ``refiner`` entry nothing is done (``{}``). ``resume`` continues an
+    interrupted training from its state file beside the checkpoint. ``chained``: run as
+    the last step of a command already recorded in the checkpoint's command history."""
+    from cryosiam_nb import models
+
+    from .multitask import varied_training_set
+    from .multitask_card import _card
+    from .multitask_recipe import STRUCTURES, _save_with_metadata, calibration_set
+
+    mc = dict(cfg["multitask"])
+    rc = mc.get("refiner")
+    if not rc:
+        return {}
+    path = out / "tiny-multitask.pt"
+    if not path.exists():
+        raise InputError(f"{path}: no checkpoint to refine; train the multi-task model first")
+    model = models.load(path)
+    model.remove_refiner()
+    tomos: list = []
+    for spec in rc["sets"]:
+        tomos += varied_training_set(
+            spec["n"],
+            rc["shape"],
+            spec["seed"],
+            voxel_range=tuple(rc["voxel_range"]),
+            samples=tuple(spec["samples"]),
+            structures=spec.get("structures"),
+            mode=rc.get("mode", "tilt"),
+            snr_range=tuple(spec["snr_range"]) if spec.get("snr_range") else None,
+            progress=progress,
+        )
+    data = refiner_inputs(model, tomos, progress)
+    del tomos
+    state = path.with_name(path.stem + ".refiner.state")
+    if not resume and state.exists():
+        state.unlink()
+    settings = {k: rc[k] for k in REFINER_DEFAULTS if k in rc}
+    record = train_refiner(model, data, out=state, progress=progress, **settings)
+    del data
+    record["sets"] = [dict(s) for s in rc["sets"]]
+    record["shape"] = list(rc["shape"])
+    record["voxel_range"] = list(rc["voxel_range"])
+    _, sizes, table = calibrate_refiner(model, calibration_set(mc, progress), progress)
+    print("semantic refiner: per-class offsets and minimum sizes (accepted moves):")
+    print(table.to_string(index=False))
+    metrics = dict(model.metadata.get("metrics", {}))
+    metrics["refined_semantic_dice"] = float(table.iloc[-1]["semantic_dice"])
+    metrics["refined_semantic_dice_before_offsets"] = float(table.iloc[0]["semantic_dice"])
+    model.metadata["metrics"] = metrics
+    if not chained:
+        stamp = time.strftime("%Y-%m-%d", time.gmtime())
+        model.metadata["commands"] = [*model.metadata.get("commands", []), f"{stamp} `{command}`"]
+    _save_with_metadata(model, path)
+    _card(path.with_suffix(".md"), model, mc, command, metrics, STRUCTURES)
+    return {k: v for k, v in metrics.items() if k.startswith("refined_")}

@@ -1,0 +1,118 @@
+"""The semantic refiner of the multi-task model: identity when untrained, saved and loaded
+with the model, run by ``tl.predict``, trained and calibrated by the recipe."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from cryosiam_nb import models, tl
+from cryosiam_nb.io import InputError
+from cryosiam_nb.models.networks import SemanticRefiner
+
+
+def _multitask():
+    torch.manual_seed(0)
+    return models.build("multitask", voxel_size=10.0, patch_size=(32, 32, 32)).eval()
+
+
+def test_an_untrained_refiner_keeps_the_heads_decision_on_any_window_size():
+    ref = SemanticRefiner(6).eval()
+    g = torch.Generator().manual_seed(1)
+    for shape in [(16, 16, 16), (20, 28, 36)]:  # 20, 28, 36: not multiples of 8
+        x = torch.rand((1, 1, *shape), generator=g)
+        logits = torch.randn((1, 6, *shape), generator=g)
+        with torch.no_grad():
+            out = ref(x, torch.rand((1, 1, *shape), generator=g), logits)
+        assert out.shape == logits.shape
+        assert torch.equal(out.argmax(1), logits.argmax(1))
+
+
+def test_a_refined_model_saves_loads_and_predicts_through_its_refiner(tmp_path):
+    m = _multitask()
+    with pytest.raises(ValueError, match="multi-task"):
+        models.build("semantic").add_refiner()
+    m.add_refiner()
+    with torch.no_grad():  # a trained refiner: its correction now moves the logits
+        m.refiner.head.weight.normal_(0, 0.5)
+        m.refiner.head.bias.copy_(torch.tensor([0.0, 0, 0, 0, 3.0, 0]))
+    path = models.save(m, tmp_path / "r.pt")
+    back = models.load(path)
+    assert isinstance(back.refiner, SemanticRefiner)
+    x = torch.rand(1, 1, 24, 24, 24)
+    with torch.no_grad():
+        a, b = m(x)["semantic/logits"], back(x)["semantic/logits"]
+    torch.testing.assert_close(a, b)
+    vol = np.random.default_rng(0).random((24, 40, 40), dtype=np.float32)
+    refined = tl.predict(vol, back)["semantic_probabilities"].values
+    assert back.remove_refiner() and back.refiner is None and "refiner" not in back.config
+    plain = tl.predict(vol, back)["semantic_probabilities"].values
+    # the +3 on actin's refined logit shows in every voxel's probability
+    assert np.all(refined[4] > plain[4])
+
+
+def test_the_refiner_learns_what_the_heads_missed():
+    """Labels that the image shows but the heads' probabilities do not: training must
+    move the refined decision towards them (and leave the rest of the model alone)."""
+    from cryosiam_nb.training.refiner import train_refiner
+
+    rng = np.random.default_rng(0)
+    data = []
+    for _ in range(2):
+        y = np.zeros((24, 24, 24), np.uint8)
+        y[:, 8:14, 8:14] = 4  # an "actin" bar along z
+        img = rng.normal(0.3, 0.05, y.shape).astype(np.float32)
+        img[y == 4] += 0.5
+        prob = np.full((6, *y.shape), 0.02, np.float32)
+        prob[0] = 0.9  # the heads call everything background
+        x = np.concatenate([img[None], img[None], prob]).astype(np.float16)
+        data.append((x, y))
+    m = _multitask()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    rec = train_refiner(m, data, progress=False, patch_size=16, steps=60, lr=1e-2)
+    for k, v in before.items():  # backbone and heads untouched
+        torch.testing.assert_close(m.state_dict()[k], v)
+    assert rec["tomograms"] == 2 and m.metadata["semantic_refiner"] is rec
+    x = torch.from_numpy(data[0][0][None].astype(np.float32))
+    with torch.no_grad():
+        out = m.refiner(x[:, :1], x[:, 1:2], torch.log(x[:, 2:]))
+    pred = out.argmax(1)[0].numpy()
+    y = data[0][1]
+    dice = 2 * np.sum((pred == 4) & (y == 4)) / ((pred == 4).sum() + (y == 4).sum())
+    assert dice > 0.5
+    with pytest.raises(InputError, match="unknown"):
+        train_refiner(m, data, progress=False, stepz=3)
+    with pytest.raises(InputError, match="smaller than the 48-voxel patch"):
+        train_refiner(m, data, progress=False)
+
+
+def test_recipe_refine_only_trains_calibrates_and_records_the_refiner(tmp_path):
+    from cryosiam_nb.training import recipe
+
+    shutil.copy(models.WEIGHTS_DIR / "tiny-multitask.pt", tmp_path / "tiny-multitask.pt")
+    argv = ["--quick", "--only", "multitask", "--out", str(tmp_path), "--no-progress"]
+    assert recipe.main([*argv, "--refine-only"]) == 0
+    m = models.load(tmp_path / "tiny-multitask.pt")
+    assert isinstance(m.refiner, SemanticRefiner)
+    rec = m.metadata["semantic_refiner"]
+    assert len(rec["class_bias"]) == 6 and rec["class_bias"][0] == 0.0
+    from cryosiam_nb.training.calibration import SEMANTIC_MIN_SIZES
+
+    sizes = m.metadata["semantic_defaults"]["min_size"]
+    assert len(sizes) == 6 and set(sizes) <= set(SEMANTIC_MIN_SIZES)
+    assert [(s["n"], s["seed"]) for s in rec["sets"]] == [
+        (s["n"], s["seed"]) for s in recipe.QUICK["multitask"]["refiner"]["sets"]
+    ]
+    assert "--refine-only" in m.metadata["commands"][-1]
+    card = (tmp_path / "tiny-multitask.md").read_text()
+    assert "Semantic refiner" in card and "calibrate_refiner" in card
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-multitask.md", "tiny-multitask.pt"]
+    # a continuation stage changes the heads the refiner was trained on: it is re-trained
+    assert recipe.main([*argv, "--stages", "stage4"]) == 0
+    again = models.load(tmp_path / "tiny-multitask.pt")
+    assert isinstance(again.refiner, SemanticRefiner)
+    assert "stage4" in again.metadata["commands"][-1]
+    assert not any(("--refine-only" in c) for c in again.metadata["commands"][-1:])

@@ -116,3 +116,24 @@ def test_recipe_refine_only_trains_calibrates_and_records_the_refiner(tmp_path):
     assert isinstance(again.refiner, SemanticRefiner)
     assert "stage4" in again.metadata["commands"][-1]
     assert not any(("--refine-only" in c) for c in again.metadata["commands"][-1:])
+
+
+def test_inference_folds_the_refiners_batchnorm_and_keeps_its_output():
+    from cryosiam_nb.inference._fast import inference_copy
+
+    m = _multitask()
+    m.add_refiner()
+    m.train()  # give the BatchNorm layers statistics that are not the identity
+    with torch.no_grad():
+        for _ in range(3):
+            m(torch.rand(2, 1, 16, 16, 16))
+    m.eval()
+    fast = inference_copy(m, torch.device("cpu"), "multitask")
+    n_bn = sum(isinstance(k, torch.nn.BatchNorm3d) for k in m.refiner.modules())
+    left = sum(isinstance(k, torch.nn.BatchNorm3d) for k in fast.refiner.modules())
+    assert left < n_bn // 2  # the convolutions' norms are folded (transposed ones stay)
+    x = torch.rand(1, 1, 24, 24, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            fast(x)["semantic/logits"], m(x)["semantic/logits"], atol=1e-4, rtol=1e-4
+        )

@@ -75,7 +75,9 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
 def fold_batchnorm(model: nn.Module) -> int:
     """Fold, in place, each BatchNorm3d that directly follows a Conv3d into that conv.
 
-    Two patterns: consecutive ``Conv3d``, ``BatchNorm3d`` in an ``nn.Sequential``, and
+    Three patterns: consecutive ``Conv3d``, ``BatchNorm3d`` in an ``nn.Sequential`` (or a
+    ``Conv3d`` followed by a Sequential that starts with the ``BatchNorm3d``: MONAI's
+    ``Convolution`` block, as in the semantic refiner's U-Net), and
     sibling children ``conv<k>`` / ``bn<k>`` (MONAI's ResNet and its blocks apply
     ``bn<k>(conv<k>(x))``). The BatchNorm is replaced by ``nn.Identity``. Returns the
     number folded. Only valid in eval mode; callers check the result numerically.
@@ -88,6 +90,11 @@ def fold_batchnorm(model: nn.Module) -> int:
                 if _foldable(a, b):
                     mod._modules[ka] = _fused_conv(a, b)
                     mod._modules[kb] = nn.Identity()
+                    n += 1
+                elif isinstance(b, nn.Sequential) and len(b) and _foldable(a, b[0]):
+                    # MONAI's Convolution block: conv, then ADN whose norm comes first
+                    mod._modules[ka] = _fused_conv(a, b[0])
+                    b._modules[next(iter(b._modules))] = nn.Identity()
                     n += 1
             continue
         for name, conv in list(mod._modules.items()):

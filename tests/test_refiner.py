@@ -37,7 +37,7 @@ def test_a_refined_model_saves_loads_and_predicts_through_its_refiner(tmp_path):
         models.build("semantic").add_refiner()
     m.add_refiner()
     with torch.no_grad():  # a trained refiner: its correction now moves the logits
-        m.refiner.head.weight.normal_(0, 0.5)
+        m.refiner.head.weight.normal_(0, 0.05)
         m.refiner.head.bias.copy_(torch.tensor([0.0, 0, 0, 0, 3.0, 0]))
     path = models.save(m, tmp_path / "r.pt")
     back = models.load(path)
@@ -122,7 +122,7 @@ def test_inference_folds_the_refiners_batchnorm_and_keeps_its_output():
     from cryosiam_nb.inference._fast import inference_copy
 
     m = _multitask()
-    m.add_refiner()
+    m.add_refiner(norm="batch")
     m.train()  # give the BatchNorm layers statistics that are not the identity
     with torch.no_grad():
         for _ in range(3):

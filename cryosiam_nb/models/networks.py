@@ -427,7 +427,7 @@ class SemanticRefiner(nn.Module):
         n_classes: int,
         channels: Sequence[int] = (16, 32, 48, 64),
         width: int = 16,
-        norm: str = "batch",
+        norm: str = "instance",
         min_probability: float = 1e-4,
     ) -> None:
         super().__init__()

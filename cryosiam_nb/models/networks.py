@@ -544,8 +544,17 @@ class CryoSiamModel(nn.Module):
             raise ValueError("add_refiner: only a multi-task model with a semantic head")
         if "denoise" not in getattr(self.heads, "tasks", ()):
             raise ValueError("add_refiner: the refiner reads the denoise head; it has none")
-        kw = {"n_classes": len(self.part_classes["semantic"]), **kwargs}
-        kw["channels"] = [int(c) for c in kw.get("channels", (16, 32, 48, 64))]
+        import inspect
+
+        defaults = {
+            k: p.default
+            for k, p in inspect.signature(SemanticRefiner).parameters.items()
+            if p.default is not inspect.Parameter.empty
+        }
+        # every setting recorded, so that a later change of a default cannot change the
+        # network a checkpoint rebuilds
+        kw = {**defaults, "n_classes": len(self.part_classes["semantic"]), **kwargs}
+        kw["channels"] = [int(c) for c in kw["channels"]]
         self.refiner = SemanticRefiner(**kw).train(self.training)
         self.config["refiner"] = kw
         return self.refiner

@@ -7,6 +7,13 @@ semantic logits with more context than the heads see. It is trained on the whole
 predictions of the frozen, calibrated multi-task model (``tl.predict``), one random patch
 at a time, then its own per-class offsets and minimum component sizes are chosen on
 calibration tomograms and folded into its last layer.
+
+Measured on validation tomograms 7201–7216 (2026-12-07; ``tl.predict`` + the model's
+``semantic_defaults``): the recipe's refiner (instance norm) raised semantic Dice 0.561 →
+0.578, actin 0.152 → 0.204 and microtubule 0.559 → 0.611 (DNA 0.174 → 0.155); the same
+recipe with BatchNorm reached only 0.565 / actin 0.162. A first experiment trained on
+general samples alone reached actin 0.267 (stitched inputs, no DNA in its data, so DNA
+fell to 0). The refiner costs about 35 % more inference time (2.1 vs 1.56 µs/voxel).
 """
 
 from __future__ import annotations

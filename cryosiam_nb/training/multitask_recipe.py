@@ -516,7 +516,7 @@ def finish_shipped_multitask(
     val = list(val) + cal
     model = models.load(path)
     if model.remove_refiner():  # calibrated on the old heads' output: re-trained afterwards
-        print("the semantic refiner was dropped: re-train it (--refine-only) after calibrating")
+        print("the semantic refiner was dropped: the recipe trains a new one after calibrating")
     cw = (model.metadata.get("training", {}).get("class_weights") or {}).get("semantic")
     if cw:
         old = model.metadata.get("semantic_prior", {}).get("shift")

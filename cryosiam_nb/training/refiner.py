@@ -69,6 +69,14 @@ def _without_refiner(model: Any) -> Any:
     return base
 
 
+def _as_input(t: Tomogram, model: Any) -> xr.DataArray:
+    """``t``'s image as ``tl.predict`` input, (z, y, x) with its voxel size (Å)."""
+    vs = float(t.voxel_size or model.voxel_size or 10.0)
+    return xr.DataArray(
+        np.asarray(t.image, np.float32), dims=("z", "y", "x"), attrs={"voxel_size": vs}
+    )
+
+
 def refiner_inputs(
     model: Any, tomograms: Sequence[Tomogram], progress: bool = True
 ) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -84,11 +92,7 @@ def refiner_inputs(
     for t in tqdm(tomograms, desc="refiner inputs", disable=not progress):
         if "semantic" not in t.labels:
             raise InputError(f"{t.name}: no semantic labels to train the refiner on")
-        img = xr.DataArray(
-            np.asarray(t.image, np.float32),
-            dims=("z", "y", "x"),
-            attrs={"voxel_size": float(t.voxel_size or base.voxel_size or 10.0)},
-        )
+        img = _as_input(t, base)
         ds = predict(img, base).compute()
         x = np.concatenate(
             [
@@ -265,11 +269,7 @@ def calibrate_refiner(
         raise InputError("calibrate_refiner: no calibration tomograms")
     lps, gts = [], []
     for t in tqdm(tomograms, desc="calibrate refiner", disable=not progress):
-        img = xr.DataArray(
-            np.asarray(t.image, np.float32),
-            dims=("z", "y", "x"),
-            attrs={"voxel_size": float(t.voxel_size or model.voxel_size or 10.0)},
-        )
+        img = _as_input(t, model)
         prob = predict(img, model)["semantic_probabilities"].values
         lps.append(np.log(np.clip(prob, 1e-6, None)).astype(np.float32))
         gts.append(np.asarray(t.labels["semantic"]))

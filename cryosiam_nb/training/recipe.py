@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .refiner import QUICK_REFINER, refiner_recipe
+
 __all__ = ["main", "simulate_training_set", "RECIPE", "QUICK", "SIM_STRUCTURES"]
 
 #: structure counts per (256 nm)² passed to the simulator: small tomograms still get
@@ -91,11 +93,6 @@ _CALIBRATION_SET: dict[str, Any] = {
     "samples": ("general", "transcription", "general", "chromatin"),
     "shape": (96, 192, 192),
 }
-
-#: the refiner's tomograms: stage 3's structure counts, all samples, projection SNR 0.02–0.4
-_RARE_STRUCTURES: dict[str, Any] = {"structures": _RARE_CLASSES["structures"]}
-_ALL_SAMPLES = ("general", "transcription", "chromatin", "general")
-_LOW = {"snr_range": (0.02, 0.4)}
 
 RECIPE: dict[str, Any] = {
     "sim": {"n": 8, "shape": (48, 96, 96), "voxel_size": 10.0, "seed": 2024, "mode": "tilt"},
@@ -249,19 +246,9 @@ RECIPE: dict[str, Any] = {
             "lr": 5e-4,
             "seed_train": 11,
         },
-        # the semantic refiner, trained last on the calibrated model's predictions (see
-        # training.refiner): actin/microtubule-rich general samples and the sample mix
-        "refiner": {
-            "sets": (
-                {"n": 20, "seed": 8000, "samples": ("general",), **_RARE_STRUCTURES},
-                {"n": 20, "seed": 8020, "samples": ("general",), **_RARE_STRUCTURES, **_LOW},
-                {"n": 10, "seed": 8100, "samples": _ALL_SAMPLES},
-                {"n": 10, "seed": 8110, "samples": _ALL_SAMPLES, **_LOW},
-            ),
-            "shape": (96, 160, 160),
-            "voxel_range": (8.0, 12.0),
-            "steps": 3000,
-        },
+        # the semantic refiner, trained last on the calibrated model's predictions
+        # (training.refiner): stage 3's actin/microtubule-rich general scenes and the mix
+        "refiner": refiner_recipe(_RARE_CLASSES["structures"]),
         # calibration (semantic prior correction, lamella threshold) also sees tomograms
         # with the simulator's default imaging (10 Å, projection SNR 0.1, default thickness
         # and structure counts), at a realistic size; validation seeds only. The instance
@@ -344,8 +331,7 @@ QUICK: dict[str, Any] = _overridden(
             "shape": (32, 48, 48),
             "mode": "fast",
         },
-        "refiner": {"sets": ({"n": 2, "seed": 8000, "samples": ("general",)},), "mode": "fast"}
-        | {"shape": (32, 48, 48), "voxel_range": (9, 11), "patch_size": 24, "steps": 3},
+        "refiner": QUICK_REFINER,
         "voxel_calibration": {
             "voxel_sizes": (10.0, 14.0),
             "sets": (

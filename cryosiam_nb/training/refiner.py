@@ -38,6 +38,8 @@ __all__ = [
     "calibrate_refiner",
     "refine_shipped_multitask",
     "REFINER_DEFAULTS",
+    "refiner_recipe",
+    "QUICK_REFINER",
 ]
 
 #: training settings of :func:`train_refiner` (the recipe's ``multitask["refiner"]``
@@ -56,6 +58,40 @@ REFINER_DEFAULTS: dict[str, Any] = {
     "dice_weight": 0.5,
     "max_class_weight": 10.0,
     "seed": 0,
+}
+
+
+def refiner_recipe(rich: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's refiner (``RECIPE["multitask"]["refiner"]``): its tomograms (``sets``
+    of :func:`~cryosiam_nb.training.multitask.varied_training_set`, 96×160×160 voxels
+    simulated at 8–12 Å and rescaled to 10 Å) and training settings overriding
+    :data:`REFINER_DEFAULTS`. ``rich``: the per-sample structure counts of the actin- and
+    microtubule-rich general scenes (the recipe passes stage 3's). Half of each kind is
+    simulated at projection SNR 0.02–0.4, the rest with the default dose."""
+    low = {"snr_range": (0.02, 0.4)}
+    mix = ("general", "transcription", "chromatin", "general")
+    general = {"samples": ("general",), "structures": rich}
+    return {
+        "sets": (
+            {"n": 20, "seed": 8000, **general},
+            {"n": 20, "seed": 8020, **general, **low},
+            {"n": 10, "seed": 8100, "samples": mix},
+            {"n": 10, "seed": 8110, "samples": mix, **low},
+        ),
+        "shape": (96, 160, 160),
+        "voxel_range": (8.0, 12.0),
+        "steps": 3000,
+    }
+
+
+#: the QUICK recipe's refiner (a smoke run of the same code on two tiny tomograms)
+QUICK_REFINER: dict[str, Any] = {
+    "sets": ({"n": 2, "seed": 8000, "samples": ("general",)},),
+    "mode": "fast",
+    "shape": (32, 48, 48),
+    "voxel_range": (9, 11),
+    "patch_size": 24,
+    "steps": 3,
 }
 
 

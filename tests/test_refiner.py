@@ -54,6 +54,16 @@ def test_a_refined_model_saves_loads_and_predicts_through_its_refiner(tmp_path):
     assert np.all(refined[4] > plain[4])
 
 
+def test_removing_the_refiner_restores_the_heads_minimum_sizes():
+    m = models.build("multitask")
+    m.add_refiner()
+    m.metadata["semantic_refiner"] = {"heads_min_size": [0, 600, 600, 0, 250, 0]}
+    m.metadata["semantic_defaults"] = {"min_size": [0, 600, 600, 0, 600, 0]}
+    assert m.remove_refiner()
+    assert m.metadata["semantic_defaults"] == {"min_size": [0, 600, 600, 0, 250, 0]}
+    assert "semantic_refiner" not in m.metadata and not m.remove_refiner()
+
+
 def test_the_refiner_learns_what_the_heads_missed():
     """Labels that the image shows but the heads' probabilities do not: training must
     move the refined decision towards them (and leave the rest of the model alone)."""
@@ -107,6 +117,10 @@ def test_recipe_refine_only_trains_calibrates_and_records_the_refiner(tmp_path):
         (s["n"], s["seed"]) for s in recipe.QUICK["multitask"]["refiner"]["sets"]
     ]
     assert "--refine-only" in m.metadata["commands"][-1]
+    # the old refiner's sizes were dropped with it: the ascent started from the heads' own
+    heads = models.load(models.WEIGHTS_DIR / "tiny-multitask.pt").metadata["semantic_refiner"]
+    assert rec["heads_min_size"] == heads["heads_min_size"]
+    assert [int(v) for s in rec["calibration"] for v in s["seeds"]] == [7101]
     card = (tmp_path / "tiny-multitask.md").read_text()
     assert "Semantic refiner" in card and "calibrate_refiner" in card
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-multitask.md", "tiny-multitask.pt"]

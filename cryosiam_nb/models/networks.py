@@ -562,11 +562,15 @@ class CryoSiamModel(nn.Module):
     def remove_refiner(self) -> bool:
         """Drop the :class:`SemanticRefiner` (and its metadata); True if there was one.
         Whatever changes the heads' semantic output (a training stage, a new calibration)
-        invalidates the refiner trained on it."""
+        invalidates the refiner trained on it. The minimum component sizes chosen with the
+        heads alone (``semantic_refiner["heads_min_size"]``) return to
+        ``metadata["semantic_defaults"]``."""
         had = self.refiner is not None
         self.refiner = None
         self.config.pop("refiner", None)
-        self.metadata.pop("semantic_refiner", None)
+        rec = self.metadata.pop("semantic_refiner", None) or {}
+        if rec.get("heads_min_size") is not None:
+            self.metadata["semantic_defaults"] = {"min_size": list(rec["heads_min_size"])}
         return had
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:

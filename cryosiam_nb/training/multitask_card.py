@@ -216,7 +216,8 @@ def _card(
                 f"{md['semantic_refiner'].get('train_seconds', 0) / 60:.0f} min; then its "
                 "per-class offsets "
                 f"{[round(b, 2) for b in md['semantic_refiner'].get('class_bias', [])]} and "
-                "the minimum sizes above chosen on the `calibration_set` tomograms "
+                "the minimum sizes above chosen on the calibration tomograms "
+                f"{_seeds(md['semantic_refiner'].get('calibration')) or '(`calibration_set`)'} "
                 "(`training.refiner.calibrate_refiner`; mean Dice "
                 f"{md['semantic_refiner'].get('calibrated_semantic_dice', float('nan')):.3f}). "
                 "`tl.predict` runs it in every window, after the heads"
@@ -259,3 +260,9 @@ def _card(
     ]
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines))
+
+
+def _seeds(specs: list[dict[str, Any]] | None) -> str:
+    """``"(seeds 7101, 7102, …; 10 Å)"`` of calibration specs, or "" without any."""
+    seeds = [int(v) for spec in specs or () for v in spec.get("seeds", ())]
+    return f"(seeds {', '.join(map(str, seeds))}; 10 Å)" if seeds else ""

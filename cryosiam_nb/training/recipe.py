@@ -93,6 +93,12 @@ _CALIBRATION_SET: dict[str, Any] = {
     "samples": ("general", "transcription", "general", "chromatin"),
     "shape": (96, 192, 192),
 }
+#: four thick general scenes beside it (per-voxel-size offsets, the refiner's calibration)
+_THICK_GENERAL_SET: dict[str, Any] = {
+    "seeds": (7105, 7106, 7107, 7108),
+    "samples": ("general",) * 4,
+    "shape": (128, 192, 192),
+}
 
 RECIPE: dict[str, Any] = {
     "sim": {"n": 8, "shape": (48, 96, 96), "voxel_size": 10.0, "seed": 2024, "mode": "tilt"},
@@ -247,8 +253,11 @@ RECIPE: dict[str, Any] = {
             "seed_train": 11,
         },
         # the semantic refiner, trained last on the calibrated model's predictions
-        # (training.refiner): stage 3's actin/microtubule-rich general scenes and the mix
-        "refiner": refiner_recipe(_RARE_CLASSES["structures"]),
+        # (training.refiner): stage 3's actin/microtubule-rich general scenes and the mix;
+        # calibrated on the eight scenes of the per-voxel-size offsets, at 10 Å
+        "refiner": refiner_recipe(
+            _RARE_CLASSES["structures"], (_CALIBRATION_SET, _THICK_GENERAL_SET)
+        ),
         # calibration (semantic prior correction, lamella threshold) also sees tomograms
         # with the simulator's default imaging (10 Å, projection SNR 0.1, default thickness
         # and structure counts), at a realistic size; validation seeds only. The instance
@@ -263,14 +272,7 @@ RECIPE: dict[str, Any] = {
         # (2026-12-07)
         "voxel_calibration": {
             "voxel_sizes": (8.0, 10.0, 12.0, 14.0),
-            "sets": (
-                _CALIBRATION_SET,
-                {
-                    "seeds": (7105, 7106, 7107, 7108),
-                    "samples": ("general",) * 4,
-                    "shape": (128, 192, 192),
-                },
-            ),
+            "sets": (_CALIBRATION_SET, _THICK_GENERAL_SET),
         },
     },
 }

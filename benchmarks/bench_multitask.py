@@ -24,6 +24,9 @@ Tables:
     python benchmarks/bench_multitask.py --quick    # one 64×128×128 tomogram
     python benchmarks/bench_multitask.py --extra 6 --no-separate --no-robustness
                                                     # 9 held-out tomograms, mean and std
+    python benchmarks/bench_multitask.py --validation --weights DIR --with-shipped
+                                                    # choose between candidates on the 16
+                                                    # validation tomograms, never test ones
 """
 
 from __future__ import annotations
@@ -56,22 +59,22 @@ _KINDS = (
 )
 
 
-def held_out(quick: bool, extra: int = 0) -> list[tuple[str, object]]:
-    """(name, Simulation) of the held-out set: the three of :data:`TEST_SEEDS`, then
-    ``extra`` more on the following seeds (the same cycle of samples and shapes), to show
-    how much a metric varies from one tomogram to the next."""
+#: validation scenes (seed, shape in voxels, sample) for choosing between candidate models
+#: and settings: never trained or calibrated on, disjoint from :data:`TEST_SEEDS`
+VALIDATION: tuple[tuple[int, tuple[int, int, int], str], ...] = (
+    (7201, (96, 192, 192), "general"),
+    (7202, (96, 192, 192), "transcription"),
+    (7203, (96, 192, 192), "general"),
+    (7204, (96, 192, 192), "chromatin"),
+    (7205, (96, 192, 192), "general"),
+    *((seed, (128, 192, 192), "general") for seed in range(7206, 7217)),
+)
+
+
+def _simulated(specs: list[tuple[str, tuple, str, int]]) -> list[tuple[str, object]]:
+    """(name, Simulation) per (name, shape, sample, seed): tilt series, default imaging, 10 Å."""
     from cryosiam_nb import sim
 
-    if quick:
-        specs = [("general 64×128×128", (64, 128, 128), "general", TEST_SEEDS[0])]
-    else:
-        specs = []
-        for i in range(len(TEST_SEEDS) + max(int(extra), 0)):
-            name, shape, sample = _KINDS[i % len(_KINDS)]
-            seed = TEST_SEEDS[0] + i
-            specs.append(
-                (name if i < len(TEST_SEEDS) else f"{name} (seed {seed})", shape, sample, seed)
-            )
     out = []
     for name, shape, sample, seed in specs:
         s = sim.simulate(
@@ -85,6 +88,31 @@ def held_out(quick: bool, extra: int = 0) -> list[tuple[str, object]]:
         )
         out.append((name, s))
     return out
+
+
+def validation(quick: bool) -> list[tuple[str, object]]:
+    """(name, Simulation) of the validation set :data:`VALIDATION` (its first scene at
+    64×128×128 with ``quick``)."""
+    if quick:
+        return _simulated([("validation general 64×128×128", (64, 128, 128), "general", 7201)])
+    return _simulated([(f"{smp} {seed}", shape, smp, seed) for seed, shape, smp in VALIDATION])
+
+
+def held_out(quick: bool, extra: int = 0) -> list[tuple[str, object]]:
+    """(name, Simulation) of the held-out set: the three of :data:`TEST_SEEDS`, then
+    ``extra`` more on the following seeds (the same cycle of samples and shapes), to show
+    how much a metric varies from one tomogram to the next."""
+    if quick:
+        specs = [("general 64×128×128", (64, 128, 128), "general", TEST_SEEDS[0])]
+    else:
+        specs = []
+        for i in range(len(TEST_SEEDS) + max(int(extra), 0)):
+            name, shape, sample = _KINDS[i % len(_KINDS)]
+            seed = TEST_SEEDS[0] + i
+            specs.append(
+                (name if i < len(TEST_SEEDS) else f"{name} (seed {seed})", shape, sample, seed)
+            )
+    return _simulated(specs)
 
 
 def _centres(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -193,6 +221,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--no-separate", action="store_true", help="skip the four separate models")
     ap.add_argument(
+        "--validation",
+        action="store_true",
+        help="score the validation tomograms 7201–7216 instead of the held-out ones (to "
+        "choose between candidates; no robustness table)",
+    )
+    ap.add_argument(
         "--extra",
         type=int,
         default=0,
@@ -231,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
             {t: models.load(f"tiny-{t}") for t in ("denoise", "lamella", "semantic", "instance")},
             {},
         )
-    tomos = held_out(args.quick, args.extra)
+    tomos = validation(args.quick) if args.validation else held_out(args.quick, args.extra)
     rows = []
     for tname, s in tomos:
         data = pp.normalize(s.volumes["noisy"].assign_attrs(voxel_size=10.0), invert=False)
@@ -272,6 +306,14 @@ def main(argv: list[str] | None = None) -> None:
         "µs/voxel",
     ]
     table = table[[c for c in cols if c in table.columns]].round(3)
+    if args.validation:
+        emit(
+            table,
+            "multitask_validation",
+            "Validation quality (tilt series, 10 Å, seeds "
+            f"{VALIDATION[0][0]}–{VALIDATION[-1][0]}; for choosing, never test ones)",
+        )
+        return
     emit(
         table,
         "multitask_quality",

@@ -232,3 +232,41 @@ def test_bench_multitask_extra_held_out_tomograms_take_the_next_seeds(monkeypatc
             if "seed" in spec and spec is not st:  # e.g. the refiner's sets
                 used |= set(range(spec["seed"], spec["seed"] + spec.get("n", 1)))
     assert len(used) > 100 and not used & set(range(9101, 9108))
+
+
+def _recipe_seeds(node) -> set[int]:
+    """Every simulation seed under ``node`` (a recipe dict): ``seed``/``n``, ``val_seed``/
+    ``val_n`` ranges and ``seeds`` lists, at any depth (calibration sets included)."""
+    out: set[int] = set()
+    if isinstance(node, dict):
+        if isinstance(node.get("seed"), int):
+            out |= set(range(node["seed"], node["seed"] + node.get("n", 1)))
+        if isinstance(node.get("val_seed"), int):
+            out |= set(range(node["val_seed"], node["val_seed"] + node.get("val_n", 1)))
+        out |= {int(s) for s in node.get("seeds", ())}
+        for v in node.values():
+            out |= _recipe_seeds(v)
+    elif isinstance(node, (list, tuple)):
+        for v in node:
+            out |= _recipe_seeds(v)
+    return out
+
+
+def test_bench_multitask_validation_scenes_are_neither_trained_calibrated_nor_test(monkeypatch):
+    """``--validation`` scores the 16 scenes 7201–7216 that choices are made on: none is a
+    held-out seed, and the multi-task recipe neither trains nor calibrates on any."""
+    from cryosiam_nb import sim
+    from cryosiam_nb.training.recipe import RECIPE
+
+    bm = _module("bench_multitask")
+    calls = []
+    monkeypatch.setattr(
+        sim, "simulate", lambda shape, **kw: calls.append((shape, kw["sample"], kw["seed"]))
+    )
+    names = [n for n, _ in bm.validation(False)]
+    seeds = [c[2] for c in calls]
+    assert seeds == list(range(7201, 7217)) and len(set(names)) == 16
+    assert {c[1] for c in calls} == {"general", "transcription", "chromatin"}
+    used = _recipe_seeds(RECIPE["multitask"])
+    assert {7101, 7108, 8040} <= used  # calibration scenes and the refiner's sets are seen
+    assert not used & set(seeds) and not set(seeds) & set(range(9101, 9110))

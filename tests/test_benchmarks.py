@@ -220,17 +220,7 @@ def test_bench_multitask_extra_held_out_tomograms_take_the_next_seeds(monkeypatc
     # and none of them is a seed the multi-task recipe simulates with
     from cryosiam_nb.training.recipe import RECIPE
 
-    mc = RECIPE["multitask"]
-    used = set()
-    for st in [mc, *(v for v in mc.values() if isinstance(v, dict))]:
-        if "seed" in st:
-            used |= set(range(st["seed"], st["seed"] + st.get("n", 1)))
-        if "val_seed" in st:
-            used |= set(range(st["val_seed"], st["val_seed"] + st.get("val_n", 1)))
-        for spec in [st, *st.get("sets", ())]:
-            used |= set(spec.get("seeds", ()))
-            if "seed" in spec and spec is not st:  # e.g. the refiner's sets
-                used |= set(range(spec["seed"], spec["seed"] + spec.get("n", 1)))
+    used = _recipe_seeds(RECIPE["multitask"])
     assert len(used) > 100 and not used & set(range(9101, 9108))
 
 

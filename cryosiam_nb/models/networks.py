@@ -17,6 +17,7 @@ All tensors are ordered ``(N, C, Z, Y, X)``.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -544,8 +545,6 @@ class CryoSiamModel(nn.Module):
             raise ValueError("add_refiner: only a multi-task model with a semantic head")
         if "denoise" not in getattr(self.heads, "tasks", ()):
             raise ValueError("add_refiner: the refiner reads the denoise head; it has none")
-        import inspect
-
         defaults = {
             k: p.default
             for k, p in inspect.signature(SemanticRefiner).parameters.items()

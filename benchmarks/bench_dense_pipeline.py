@@ -124,27 +124,40 @@ def child_pipeline(mrc: str, region: list[int], models_: list[str], settings: di
 
 
 def child_exactness(shape: list[int]) -> dict:
-    """Chunked (default window/overlap, float32) vs one monolithic MONAI sliding window."""
+    """Chunked (default window/overlap, float32) vs monolithic MONAI sliding windows: one
+    over the heads (with the model's semantic offsets), then (the refiner's second pass) one over the stitched input, denoised
+    map and float16 semantic probabilities."""
     import torch
     from monai.inferers import sliding_window_inference
 
     from cryosiam_nb import models, tl
     from cryosiam_nb.inference._fast import inference_copy
+    from cryosiam_nb.inference._refine import RefinerPass, split_refiner
+    from cryosiam_nb.inference.prediction import _calibrated_for
 
     net = models.load("tiny-multitask")
     vol = np.random.default_rng(1).random(tuple(shape), dtype=np.float32)
     ds = tl.predict(vol, net, precision="float32").compute()
     win, ov = tuple(ds.attrs["patch_size"]), ds.attrs["overlap"]
-    ref_net = inference_copy(net, torch.device("cpu"), "multitask")
+    # the model as predict runs it: its semantic offsets for the model's voxel size folded in
+    heads, refiner = split_refiner(_calibrated_for(net, vol)[0])
+    ref_net = inference_copy(heads, torch.device("cpu"), "multitask")
     with torch.inference_mode():
         ref = sliding_window_inference(
             torch.from_numpy(vol)[None, None], win, 1, ref_net, overlap=ov, mode="gaussian"
         )
+        logits = ref["semantic/logits"]
+        if refiner is not None:
+            prob = torch.softmax(logits, 1).half().float()
+            inp = torch.cat([torch.from_numpy(vol)[None, None], ref["denoise/denoised"], prob], 1)
+            logits = sliding_window_inference(
+                inp, win, 1, RefinerPass(refiner), overlap=ov, mode="gaussian"
+            )["semantic/logits"]
     d_den = float(np.abs(ds["denoised"].values - ref["denoise/denoised"][0, 0].numpy()).max())
     d_dist = float(
         np.abs(ds["instance_distance"].values - ref["instance/distance"][0, 0].numpy()).max()
     )
-    prob = torch.softmax(ref["semantic/logits"][0], 0).numpy()
+    prob = torch.softmax(logits[0], 0).numpy()
     d_prob = float(np.abs(ds["semantic_probabilities"].values.astype(np.float32) - prob).max())
     return {
         "window": list(win),

@@ -3,6 +3,7 @@ with the model, run by ``tl.predict``, trained and calibrated by the recipe."""
 
 from __future__ import annotations
 
+import copy
 import shutil
 
 import numpy as np
@@ -31,14 +32,19 @@ def test_an_untrained_refiner_keeps_the_heads_decision_on_any_window_size():
         assert torch.equal(out.argmax(1), logits.argmax(1))
 
 
+def _trained_refiner(m):
+    m.add_refiner()
+    with torch.no_grad():  # a trained refiner: its correction now moves the logits
+        m.refiner.head.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
+        m.refiner.head.bias.copy_(torch.tensor([0.0, 0, 0, 0, 3.0, 0]))
+    return m
+
+
 def test_a_refined_model_saves_loads_and_predicts_through_its_refiner(tmp_path):
     m = _multitask()
     with pytest.raises(ValueError, match="multi-task"):
         models.build("semantic").add_refiner()
-    m.add_refiner()
-    with torch.no_grad():  # a trained refiner: its correction now moves the logits
-        m.refiner.head.weight.normal_(0, 0.05)
-        m.refiner.head.bias.copy_(torch.tensor([0.0, 0, 0, 0, 3.0, 0]))
+    _trained_refiner(m)
     path = models.save(m, tmp_path / "r.pt")
     back = models.load(path)
     assert isinstance(back.refiner, SemanticRefiner)
@@ -52,6 +58,79 @@ def test_a_refined_model_saves_loads_and_predicts_through_its_refiner(tmp_path):
     plain = tl.predict(vol, back)["semantic_probabilities"].values
     # the +3 on actin's refined logit shows in every voxel's probability
     assert np.all(refined[4] > plain[4])
+
+
+def test_predict_runs_the_refiner_as_a_second_pass_over_the_stitched_outputs():
+    """What the refiner was trained on: the heads' whole-volume (stitched) probabilities.
+    ``predict`` equals the heads' prediction followed by one MONAI sliding window of the
+    refiner over (input, denoised, float16 probabilities), chunked or not; the distance
+    and the other heads are the heads' own."""
+    from monai.inferers import sliding_window_inference
+
+    from cryosiam_nb.inference._refine import RefinerPass
+
+    m = _trained_refiner(_multitask())
+    vol = np.random.default_rng(3).random((32, 40, 36), dtype=np.float32)
+    kw = {"patch_size": 16, "overlap": 0.25, "precision": "float32"}
+    heads = copy.deepcopy(m)
+    heads.refiner = None
+    first = tl.predict(vol, heads, **kw).compute()
+    inp = np.concatenate(
+        [
+            vol[None],
+            first["denoised"].values[None],
+            first["semantic_probabilities"].values.astype(np.float16).astype(np.float32),
+        ]
+    )
+    with torch.no_grad():
+        logits = sliding_window_inference(
+            torch.from_numpy(inp)[None],
+            (16, 16, 16),
+            1,
+            lambda t: RefinerPass(m.refiner)(t)["semantic/logits"],
+            overlap=0.25,
+            mode="gaussian",
+        )[0]
+    want = logits.softmax(0).numpy()
+    for chunks in (None, (24, 24, 24)):
+        ds = tl.predict(vol, m, chunks=chunks, **kw)
+        assert ds.attrs["semantic_refiner"] == "second pass"
+        got = ds["semantic_probabilities"].values.astype(np.float32)
+        np.testing.assert_allclose(got, want, atol=2e-3)
+        labels = ds["semantic_labels"].values
+        sure = np.sort(want, axis=0)[-1] - np.sort(want, axis=0)[-2] > 1e-2
+        np.testing.assert_array_equal(labels[sure], want.argmax(0)[sure])
+        for k in ("denoised", "semantic_distance", "instance_foreground"):
+            np.testing.assert_allclose(ds[k].values, first[k].values, atol=1e-4, err_msg=k)
+    assert not np.allclose(want, first["semantic_probabilities"].values, atol=1e-2)
+
+
+def test_written_refined_predictions_equal_the_computed_ones(tmp_path):
+    """``write_predictions`` streams both passes (the refiner's inputs through scratch
+    arrays of the temporary store, removed at the end): the store equals ``compute()``,
+    whole or for a selection of variables."""
+    import xarray as xr
+
+    from cryosiam_nb.inference import write_predictions
+
+    m = _trained_refiner(_multitask())
+    vol = np.random.default_rng(4).random((40, 48, 40), dtype=np.float32)
+    kw = {"patch_size": 16, "overlap": 0.25, "chunks": (24, 24, 24), "precision": "float32"}
+    ds = tl.predict(vol, m, **kw)
+    ref = ds.compute()
+    back = xr.open_zarr(
+        write_predictions(ds, tmp_path / "a.zarr", progress=False), consolidated=False
+    )
+    assert set(back.data_vars) == set(ref.data_vars)
+    assert not any(p.name.startswith("_refiner") for p in (tmp_path / "a.zarr").iterdir())
+    for k in ref.data_vars:
+        np.testing.assert_array_equal(back[k].values, ref[k].values, err_msg=k)
+    sel = ["semantic_labels"]
+    one = xr.open_zarr(
+        write_predictions(ds[sel], tmp_path / "b.zarr", progress=False), consolidated=False
+    )
+    assert list(one.data_vars) == sel
+    np.testing.assert_array_equal(one["semantic_labels"].values, ref["semantic_labels"].values)
 
 
 def test_removing_the_refiner_restores_the_heads_minimum_sizes():

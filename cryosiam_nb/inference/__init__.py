@@ -3,8 +3,10 @@
 Modules:
 
 - :mod:`~cryosiam_nb.inference.prediction`: :func:`predict` (lazy Dataset on the
-  tomogram's grid) and :func:`write_predictions` (streams it to zarr); window planning,
-  the model runner and the chunk tasks are in ``_windows``.
+  tomogram's grid); :mod:`~cryosiam_nb.inference.writing`: :func:`write_predictions`
+  (streams it to zarr). Window planning, the model runner and the chunk tasks are in
+  ``_windows``, the ordered dask graph of one pass in ``_graph``, a multi-task model's
+  refiner pass (over the stitched outputs of the first) in ``_refine``.
 - :mod:`~cryosiam_nb.inference.semantic`: :func:`postprocess_semantic`.
 - :mod:`~cryosiam_nb.inference.lamella`: :func:`lamella_mask`.
 - :mod:`~cryosiam_nb.inference.stitching`: the one block-stitching helper (connected

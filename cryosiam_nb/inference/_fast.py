@@ -128,9 +128,10 @@ def _same(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], tol: flo
 
 
 def _checked(plain: nn.Module, fast: nn.Module, task: str, probe: tuple[int, int, int]) -> bool:
-    """``fast`` gives ``plain``'s outputs (1e-4 relative) on one random float32 ``probe``."""
+    """``fast`` gives ``plain``'s outputs (1e-4 relative) on one random float32 ``probe``
+    (``plain.in_channels`` channels, 1 for a model without that attribute)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.rand((1, 1, *probe), generator=g)
+    x = torch.rand((1, int(getattr(plain, "in_channels", 1)), *probe), generator=g)
     try:
         with torch.inference_mode():
             return _same(_outputs(plain, x, task), _outputs(fast, x, task), 1e-4)

@@ -57,6 +57,8 @@ def parts_of(task: str, heads: Heads) -> list[tuple[str, Heads]]:
 
 def n_activated(task: str, heads: Heads) -> int:
     """Channels after activation: semantic / lamella add an argmax channel."""
+    if task == "refine":  # the refiner's second pass: probabilities and the argmax
+        return heads[0][1] + 1
     n = 0
     for part, hs in parts_of(task, heads):
         n += 2 * hs[0][1] + 1 if part in ("semantic", "lamella") else sum(c for _, c in hs)
@@ -286,6 +288,9 @@ class Runner:
     def run(self, image: np.ndarray, roi: np.ndarray | None) -> np.ndarray:
         """Weighted sums over the owned windows of one region: ``(C + 1, *region)`` float32.
 
+        ``image``: the region ``(z, y, x)``, or ``(channels, z, y, x)`` for a model that
+        reads several input channels (the refiner's second pass).
+
         Channels ``:C`` hold ``Σ g·f`` (un-activated head outputs), the last ``Σ g``. The
         windows are MONAI's (``dense_patch_slices`` with MONAI's stride rule, the region
         padded like ``sliding_window_inference`` pads a volume smaller than the window) and
@@ -296,10 +301,12 @@ class Runner:
         """
         dev = pick_device(self.device)
         model = self.module(dev)
-        shape = tuple(int(s) for s in image.shape)
+        img = np.asarray(image, dtype=np.float32)
+        img = img[None] if img.ndim == 3 else img
+        shape = tuple(int(s) for s in img.shape[1:])
         padded, crop, windows = self.windows(shape)
-        x = torch.zeros((1, 1, *padded), dtype=torch.float32)
-        x[(0, 0, *crop)] = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+        x = torch.zeros((1, img.shape[0], *padded), dtype=torch.float32)
+        x[(0, slice(None), *crop)] = torch.from_numpy(np.ascontiguousarray(img))
         if roi is not None:
             m = np.zeros(padded, dtype=bool)
             m[crop] = np.asarray(roi) > 0
@@ -367,7 +374,8 @@ def _argmax0(x: torch.Tensor) -> torch.Tensor:
 
 def _activate(task: str, raw: np.ndarray, heads: Heads, out: np.ndarray) -> None:
     """Activated maps of ``raw`` (window averages) written into ``out`` (``n_activated``
-    channels): softmax, argmax label and tanh distance for semantic / lamella, sigmoid
+    channels): softmax, argmax label and tanh distance for semantic / lamella, softmax and
+    argmax for the refiner's second pass (``"refine"``), sigmoid
     foreground and boundary for instance, the rest as they are."""
     if task == "multitask":
         c0 = o0 = 0
@@ -378,7 +386,11 @@ def _activate(task: str, raw: np.ndarray, heads: Heads, out: np.ndarray) -> None
             c0, o0 = c1, o1
         return
     t, o = torch.from_numpy(raw), torch.from_numpy(out)
-    if task in ("semantic", "lamella"):
+    if task == "refine":
+        n = heads[0][1]
+        o[:n] = torch.softmax(t[:n], dim=0)
+        o[n] = _argmax0(t[:n])
+    elif task in ("semantic", "lamella"):
         n = heads[0][1]
         o[:n] = torch.softmax(t[:n], dim=0)
         o[n] = _argmax0(t[:n])

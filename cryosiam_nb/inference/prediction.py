@@ -30,39 +30,37 @@ there once and caches it. The zarr path must be on a file system all workers sha
 
 from __future__ import annotations
 
-import itertools
-import os
-import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import dask
 import dask.array as da
 import numpy as np
 import torch
 import xarray as xr
-from dask.delayed import Delayed
 
 from cryosiam_nb.constants import DENSE_TASKS, DIMS
 from cryosiam_nb.device import pick_device
-from cryosiam_nb.inference._compute import compute
 from cryosiam_nb.inference._fast import resolve_precision
+from cryosiam_nb.inference._graph import build_graph
+from cryosiam_nb.inference._refine import refine_plan, refiner_input, split_refiner
 from cryosiam_nb.inference._windows import (
     FIXED_HEADS,
     Runner,
-    ZarrSink,
-    blend_and_write,
     default_chunk,
     n_activated,
     parts_of,
     plan_axis,
-    stage1,
-    stage2,
-    take,
 )
 from cryosiam_nb.inference.grid import grid_coords, grid_voxel_size
 from cryosiam_nb.inference.outputs import outputs_of
-from cryosiam_nb.io import InputError, as_volume, atomic_path, voxel_size_of
+from cryosiam_nb.inference.writing import (  # noqa: F401 - _ORDERED, _ordered_of: tests
+    _ORDERED,
+    _Ordered,
+    _ordered_of,
+    _remember,
+    write_predictions,
+)
+from cryosiam_nb.io import InputError, as_volume, voxel_size_of
 from cryosiam_nb.models.logits import at_voxel_size
 
 __all__ = [
@@ -173,124 +171,6 @@ def _model_heads(model: torch.nn.Module, task: str, patch: tuple[int, int, int])
     return tuple(heads)
 
 
-def _in_flight() -> int:
-    """How many chunks may be under way at once: the active scheduler's threads + 1."""
-    from cryosiam_nb.inference._compute import _active_client
-
-    client = _active_client()
-    if client is not None:
-        n = sum(client.nthreads().values())
-    else:
-        n = dask.config.get("num_workers", None) or os.cpu_count() or 2
-    return max(2, int(n) + 1)
-
-
-def _graph(
-    image: da.Array,
-    roi: da.Array | None,
-    plans: list,
-    runner: Runner,
-    n_out: int,
-    sink: ZarrSink | None = None,
-) -> da.Array | list[Delayed]:
-    """The two-stage dask graph: ``(n_out, z, y, x)`` float32, chunked by ``plans``.
-
-    Memory stays bounded by the order of the work, which the graph fixes: chunks are
-    visited with the axis of most chunks outermost, a chunk's windows start only once the
-    chunk :func:`_in_flight` places earlier is blended, and a chunk's blend waits for every
-    halo slice of its windows (so the windows' sums are released at once and only the thin
-    halos wait for the neighbours above). With a ``sink`` each blend task also writes its
-    chunk (every variable) and the graph is the list of those tasks: a chunk's windows
-    then wait until the chunk ``lag`` places earlier is on disk, which bounds memory.
-    """
-    runner_d = dask.delayed(runner, pure=True, name=f"cryosiam-model-{runner.key}")
-    tag = runner.key[:8]
-    task, heads = runner.task, runner.heads
-    counts = tuple(len(p.cores) for p in plans)
-    axes = sorted(range(3), key=lambda a: (-counts[a], a))  # outermost first
-    order = []
-    for idx in itertools.product(*(range(counts[a]) for a in axes)):
-        c = [0, 0, 0]
-        for a, v in zip(axes, idx):
-            c[a] = v
-        order.append(tuple(c))
-    lag = _in_flight()
-    incoming: dict[tuple, list] = {c: [] for c in order}  # chunk → [(take, place)]
-    blocks: dict[tuple, Any] = {}
-    for n, c in enumerate(order):
-        name = "-".join(map(str, c))
-        reg = tuple(p.regions[m] for p, m in zip(plans, c))
-        sl = tuple(slice(a, e) for a, e in reg)
-        msk = None if roi is None else roi[sl]
-        # a bare key reference: passing the Delayed itself would drag (and re-cull) the
-        # whole graph built so far into every call — quadratic in the number of chunks
-        gate = Delayed(blocks[order[n - lag]].key, {}) if n >= lag else None
-        first = dask.delayed(stage1, pure=True)(
-            runner_d, image[sl], msk, gate, dask_key_name=f"cryosiam-windows-{tag}-{name}"
-        )
-        outgoing = []  # slices of this chunk's windows for itself and its upper neighbours
-        for d in itertools.product((0, 1), repeat=3):
-            dst = tuple(v + dv for v, dv in zip(c, d))
-            if any(v >= cnt for v, cnt in zip(dst, counts)):
-                continue
-            core = tuple(p.cores[m] for p, m in zip(plans, dst))
-            src_sl, place = [], []
-            for (a, e), (c0, c1) in zip(reg, core):
-                lo, hi = max(a, c0), min(e, c1)
-                src_sl.append(slice(lo - a, hi - a) if hi > lo else None)
-                place.append(slice(lo - c0, hi - c0))
-            if any(v is None for v in src_sl):
-                continue
-            piece = dask.delayed(take, pure=True)(
-                first,
-                tuple(src_sl),
-                any(d),
-                dask_key_name=f"cryosiam-take-{tag}-{name}-{''.join(map(str, d))}",
-            )
-            incoming[dst].append((piece, tuple(place)))
-            outgoing.append(piece)
-        core = tuple(p.cores[m] for p, m in zip(plans, c))
-        core_sl = tuple(slice(a, b) for a, b in core)
-        core_shape = tuple(b - a for a, b in core)
-        msk = None if roi is None else roi[core_sl]
-        pieces = incoming.pop(c)
-        blend_args = (
-            [p for p, _ in pieces],
-            [pl for _, pl in pieces],
-            msk,
-            core_shape,
-            task,
-            heads,
-            n_out,
-            outgoing,
-        )
-        if sink is not None:
-            blocks[c] = dask.delayed(blend_and_write, pure=True)(
-                sink, core_sl, *blend_args, dask_key_name=f"cryosiam-write-{tag}-{name}"
-            )
-            continue
-        blocks[c] = dask.delayed(stage2, pure=True)(
-            *blend_args, dask_key_name=f"cryosiam-blend-{tag}-{name}"
-        )
-    if sink is not None:
-        return [blocks[c] for c in order]
-    rows = [
-        [
-            [
-                da.from_delayed(
-                    blocks[i, j, k],
-                    (n_out, *(b - a for a, b in (p.cores[m] for p, m in zip(plans, (i, j, k))))),
-                    dtype=np.float32,
-                )
-                for k in range(counts[2])
-            ]
-            for j in range(counts[1])
-        ]
-        for i in range(counts[0])
-    ]
-    return da.block(rows)
-
-
 def predict(
     data: xr.DataArray | np.ndarray | da.Array,
     model: torch.nn.Module,
@@ -384,7 +264,11 @@ def predict(
         ``semantic_probabilities`` (semantic_class, z, y, x), ``semantic_labels``,
         ``semantic_distance``, ``instance_foreground``, ``instance_boundary``,
         ``instance_distance``; :func:`outputs_of` gives one part under the single-task
-        names. All heads come from one model pass per window. Dask computes
+        names. All heads come from one model pass per window; a multi-task model with a
+        semantic refiner then runs it as a second sliding-window pass over the stitched
+        input, denoised map and semantic probabilities (what it is trained on;
+        :mod:`~cryosiam_nb.inference._refine`), which gives ``semantic_probabilities`` and
+        ``semantic_labels`` (``attrs["semantic_refiner"] = "second pass"``). Dask computes
         when the result is computed: :func:`write_predictions` (streams to zarr),
         ``ds.compute()`` for small volumes. A model whose
         ``metadata["semantic_prior"]["by_voxel_size"]`` holds per-voxel-size semantic
@@ -433,6 +317,7 @@ def predict(
     if not 0 <= n_tta <= 8:
         raise InputError(f"tta: True, False or a number of flips from 0 to 8, got {tta!r}")
     model, sem_offsets, acquired = _calibrated_for(model, data)
+    model, refiner = split_refiner(model)  # the refiner runs as a second pass
     heads = _model_heads(model, task, patch)
     n_raw = sum(c for _, c in heads)
     if chunks is None:
@@ -469,7 +354,7 @@ def predict(
         n_tta if n_tta > 1 else 0,
     )
     n_out = n_raw if task == "dense_ssl" else n_activated(task, heads)
-    stacked = _graph(image, roi_d, plans, runner, n_out)
+    stacked = build_graph(image, roi_d, plans, runner, n_out)
 
     coords: dict[str, Any] = grid_coords(data, shape, vs)
     attrs = dict(getattr(data, "attrs", {}))
@@ -527,108 +412,18 @@ def predict(
                 variables[f"{pre}{key}"] = (DIMS, stacked[c + i], dict(va))
                 layout.append((f"{pre}{key}", c + i, None, "float32"))
             c += 3
+    plan = None
+    if refiner is not None:  # the semantic refiner over the stitched first-pass outputs
+        plan = refine_plan(refiner, runner, layout)
+        inp = refiner_input(image, stacked[plan.den], stacked[plan.prob : plan.prob + plan.n])
+        refined = build_graph(inp, roi_d, plans, plan.runner, plan.n_out)
+        dims = variables["semantic_probabilities"][0]
+        prob = refined[: plan.n].astype(np.float16)
+        variables["semantic_probabilities"] = (dims, prob, dict(va))
+        variables["semantic_labels"] = (DIMS, refined[plan.n].astype(np.uint8), dict(va))
+        attrs["semantic_refiner"] = "second pass"
     names = {k: v[1].name for k, v in variables.items()}
     out = xr.Dataset(variables, coords=coords, attrs=attrs)
-    entry = _Ordered(image, roi_d, plans, runner, n_out, layout, names)
+    entry = _Ordered(image, roi_d, plans, runner, n_out, layout, names, plan)
     _remember(entry, [out[k].data for k in out.data_vars])
     return out
-
-
-class _Ordered:
-    """What :func:`write_predictions` needs to rebuild a :func:`predict` graph whose blend
-    tasks write every variable of their chunk (the dask names identify the variables)."""
-
-    def __init__(self, image, roi, plans, runner, n_out, layout, names) -> None:  # noqa: ANN001
-        self.image, self.roi, self.plans, self.runner = image, roi, plans, runner
-        self.n_out, self.layout, self.names = n_out, layout, names
-
-
-#: live predictions: an entry goes when the last of its Dataset's variables is collected
-#: (it holds the input array, which may be an in-memory numpy volume)
-_ORDERED: dict[int, _Ordered] = {}
-
-
-def _remember(entry: _Ordered, anchors: list[Any]) -> None:
-    key, alive = id(entry), [len(anchors)]
-    _ORDERED[key] = entry
-
-    def gone() -> None:
-        alive[0] -= 1
-        if alive[0] == 0:
-            _ORDERED.pop(key, None)
-
-    for a in anchors:
-        weakref.finalize(a, gone)
-
-
-def _ordered_of(ds: xr.Dataset) -> _Ordered | None:
-    """The :func:`predict` record whose unchanged variables ``ds`` holds, or None (then
-    ``ds`` is written by xarray's generic ``to_zarr``)."""
-    names = {}
-    for k, v in ds.data_vars.items():
-        if not isinstance(v.data, da.Array):
-            return None
-        names[k] = v.data.name
-    for entry in reversed(list(_ORDERED.values())):
-        if names and all(entry.names.get(k) == n for k, n in names.items()):
-            return entry
-    return None
-
-
-def write_predictions(
-    ds: xr.Dataset | xr.DataArray,
-    path: str | os.PathLike[str],
-    *,
-    progress: bool = True,
-    overwrite: bool = True,
-) -> os.PathLike[str]:
-    """Stream a lazy prediction Dataset to a zarr store, chunk by chunk, atomically.
-
-    Each output chunk is computed (here, on the active dask scheduler), written and
-    released; no tomogram-sized array is held. A Dataset straight from :func:`predict`
-    (or a selection of its variables) is written by its own chunk tasks: each writes every
-    variable of its chunk, and a chunk's windows start only when the chunk ``threads + 1``
-    places earlier is on disk, so memory stays bounded whatever the scheduler's timing.
-    Any other Dataset goes through xarray's ``to_zarr``. The store is written to a temporary sibling
-    and renamed onto ``path`` when complete. Under a ``dask.distributed`` Client the work
-    runs on the cluster (``path`` must be on a shared file system).
-
-    Parameters
-    ----------
-    ds
-        A :func:`predict` Dataset (or one DataArray, stored under its name). Variable and
-        Dataset attrs (``voxel_size`` in Å, ...) are stored with it.
-    path
-        Output ``.zarr`` directory.
-    progress
-        Show a progress bar.
-    overwrite
-        Replace an existing ``path`` (only once the new store is complete); with ``False``
-        an existing ``path`` raises ``FileExistsError``.
-
-    Returns
-    -------
-    os.PathLike
-        ``path``; open it again with ``xarray.open_zarr(path, consolidated=False)``.
-    """
-    if isinstance(ds, xr.DataArray):
-        ds = ds.to_dataset(name=ds.name or "data")
-    if not isinstance(ds, xr.Dataset):
-        raise InputError(f"ds: expected an xarray Dataset, got {type(ds).__name__}")
-    ordered = _ordered_of(ds)
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        delayed = ds.to_zarr(tmp, mode="w", compute=False, consolidated=False)
-        if ordered is None:
-            compute(delayed, progress=progress)
-        else:  # metadata and coordinates are written; each chunk task writes its variables
-            layout = [row for row in ordered.layout if row[0] in ds.data_vars]
-            writes = _graph(
-                ordered.image,
-                ordered.roi,
-                ordered.plans,
-                ordered.runner,
-                ordered.n_out,
-                sink=ZarrSink(str(tmp), layout),
-            )
-            compute(*writes, progress=progress)
-    return path

@@ -421,6 +421,9 @@ class SemanticRefiner(nn.Module):
     than the heads (three stride-2 levels: its receptive field spans tens of voxels), which
     is what separates actin from microtubule walls and particle specks. ``forward`` pads
     windows whose sizes are not multiples of 2^levels (replicate) and crops back.
+    ``model(x)`` applies it to the heads' outputs on ``x`` itself; ``tl.predict`` runs it as
+    a second sliding-window pass over the heads' stitched outputs, which is what it is
+    trained on (:mod:`cryosiam_nb.inference._refine`).
     """
 
     def __init__(

@@ -15,12 +15,14 @@ recipe with BatchNorm reached only 0.565 / actin 0.162. A first experiment train
 general samples alone reached actin 0.267 (stitched inputs, no DNA in its data, so DNA
 fell to 0). The refiner costs about 35 % more inference time (2.1 vs 1.56 µs/voxel).
 
-It is trained on stitched whole-tomogram outputs but runs in every inference window, on
-the heads' in-window outputs. Run instead over the stitched outputs (a second sliding
-window pass, MONAI ``sliding_window_inference``, 64³, overlap 0.125; not what
-``tl.predict`` does), the shipped refiner scored higher on validation tomograms
-7201–7216 with the same offsets (2026-12-07): Dice over present classes 0.673 vs 0.666,
-actin 0.224 vs 0.190, microtubule 0.622 vs 0.612, membrane and particle equal.
+It is trained on stitched whole-tomogram outputs, and ``tl.predict`` runs it that way: a
+second sliding-window pass over the stitched (input, denoised, probabilities) volume
+(:mod:`cryosiam_nb.inference._refine`). Until 2026-12-07 it ran inside every heads window,
+on the heads' in-window outputs; run instead over the stitched outputs (measured offline
+then with MONAI ``sliding_window_inference``, 64³, overlap 0.125), the shipped refiner
+scored higher on validation tomograms 7201–7216 with the same offsets: Dice over present
+classes 0.673 vs 0.666, actin 0.224 vs 0.190, microtubule 0.622 vs 0.612, membrane and
+particle equal. :func:`calibrate_refiner` calibrates on the second-pass path.
 """
 
 from __future__ import annotations

@@ -105,6 +105,30 @@ def test_predict_runs_the_refiner_as_a_second_pass_over_the_stitched_outputs():
     assert not np.allclose(want, first["semantic_probabilities"].values, atol=1e-2)
 
 
+def test_the_refined_variables_alone_run_each_window_of_both_passes_once(monkeypatch):
+    """Computing only the refined probabilities (several chunks, so the passes' order
+    dependencies are in play) works and runs every chunk's windows once per pass: the
+    first pass is not repeated for each region of the second."""
+    from cryosiam_nb.inference import _windows
+
+    calls: dict[str, int] = {}
+    run = _windows.Runner.run
+
+    def counted(self, image, roi):
+        calls[self.task] = calls.get(self.task, 0) + 1
+        return run(self, image, roi)
+
+    monkeypatch.setattr(_windows.Runner, "run", counted)
+    m = _trained_refiner(_multitask())
+    vol = np.random.default_rng(5).random((96, 192, 192), dtype=np.float32)
+    ds = tl.predict(vol, m)
+    n_chunks = int(np.prod(ds["semantic_labels"].data.numblocks))
+    assert n_chunks > 1
+    prob = ds["semantic_probabilities"].values
+    assert calls == {"multitask": n_chunks, "refine": n_chunks}
+    assert np.allclose(prob.sum(0), 1, atol=1e-2)
+
+
 def test_written_refined_predictions_equal_the_computed_ones(tmp_path):
     """``write_predictions`` streams both passes (the refiner's inputs through scratch
     arrays of the temporary store, removed at the end): the store equals ``compute()``,

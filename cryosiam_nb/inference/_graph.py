@@ -32,6 +32,43 @@ def _in_flight() -> int:
     return max(2, int(n) + 1)
 
 
+def _crop(blocks: list, starts: tuple[int, ...], sl: tuple[slice, ...]) -> np.ndarray:
+    """The region ``sl`` (z, y, x) of the ``(C, z, y, x)`` volume whose blocks (nested lists,
+    z outermost, starting at voxel ``starts``) are given."""
+    whole = np.block([blocks])  # innermost list along x, then y, z, channels
+    return whole[(slice(None), *(slice(s.start - o, s.stop - o) for s, o in zip(sl, starts)))]
+
+
+def _regions(image: da.Array) -> Any:
+    """``sl → `` the argument a windows task reads for region ``sl`` (z, y, x slices).
+
+    A (z, y, x) input is sliced as a dask array. A (channels, z, y, x) input (the
+    refiner's second pass, computed from the first pass's graph) is read through its
+    blocks as delayed objects of one unoptimised graph: a sliced dask array passed to a
+    task is finalised (culled, fused) on its own, which here would rename the first
+    pass's keys (its order dependencies then miss) and repeat its work for every region.
+    """
+    if image.ndim == 3:
+        return lambda sl: image[sl]
+    image = image.rechunk({0: -1})
+    blocks = image.to_delayed(optimize_graph=False)[0]
+    bounds = [np.cumsum((0, *c)) for c in image.chunks[1:]]
+
+    def region(sl: tuple[slice, ...]) -> Any:
+        size = [s.stop - s.start for s in sl]
+        if min(size) <= 0:  # a chunk that owns no window
+            return np.zeros((image.shape[0], *size), np.float32)
+        idx = [
+            range(int(np.searchsorted(b, s.start, "right")) - 1, int(np.searchsorted(b, s.stop)))
+            for b, s in zip(bounds, sl)
+        ]
+        sub = [[[blocks[i, j, k] for k in idx[2]] for j in idx[1]] for i in idx[0]]
+        starts = tuple(int(b[r[0]]) for b, r in zip(bounds, idx))
+        return dask.delayed(_crop, pure=True)(sub, starts, sl)
+
+    return region
+
+
 def build_graph(
     image: da.Array,
     roi: da.Array | None,
@@ -62,6 +99,7 @@ def build_graph(
             c[a] = v
         order.append(tuple(c))
     lag = _in_flight()
+    region_of = _regions(image)
     incoming: dict[tuple, list] = {c: [] for c in order}  # chunk → [(take, place)]
     blocks: dict[tuple, Any] = {}
     for n, c in enumerate(order):
@@ -73,7 +111,7 @@ def build_graph(
         # whole graph built so far into every call — quadratic in the number of chunks
         gate = Delayed(blocks[order[n - lag]].key, {}) if n >= lag else None
         first = dask.delayed(stage1, pure=True)(
-            runner_d, image[(..., *sl)], msk, gate, dask_key_name=f"cryosiam-windows-{tag}-{name}"
+            runner_d, region_of(sl), msk, gate, dask_key_name=f"cryosiam-windows-{tag}-{name}"
         )
         outgoing = []  # slices of this chunk's windows for itself and its upper neighbours
         for d in itertools.product((0, 1), repeat=3):

@@ -132,32 +132,24 @@ def _write_ordered(ordered: _Ordered, ds: xr.Dataset, tmp: str, progress: bool) 
     layout = [row for row in ordered.layout if row[0] in ds.data_vars]
     plan = ordered.refine
     refined = [] if plan is None else [row for row in layout if row[0] in REFINED]
+    passes = [(ordered.image, ordered.runner, ordered.n_out, layout)]
     if refined:
-        layout = [row for row in layout if row[0] not in REFINED] + scratch_rows(plan)
+        first = [r for r in layout if r[0] not in REFINED] + scratch_rows(plan)
         shape = tuple(int(p.cores[-1][1]) for p in ordered.plans)
         chunk = tuple(int(p.cores[0][1] - p.cores[0][0]) for p in ordered.plans)
         make_scratch(tmp, shape, chunk, plan.n)
-    writes = build_graph(
-        ordered.image,
-        ordered.roi,
-        ordered.plans,
-        ordered.runner,
-        ordered.n_out,
-        sink=ZarrSink(tmp, layout),
-    )
-    compute(*writes, progress=progress)
-    if not refined:
-        return
-    second = [
-        (name, 0 if name == REFINED[0] else plan.n, n, dtype) for name, _, n, dtype in refined
-    ]
-    writes = build_graph(
-        refiner_input(ordered.image, *read_scratch(tmp)),
-        ordered.roi,
-        ordered.plans,
-        plan.runner,
-        plan.n_out,
-        sink=ZarrSink(tmp, second),
-    )
-    compute(*writes, progress=progress)
-    drop_scratch(tmp)
+        second = [
+            (name, 0 if name == REFINED[0] else plan.n, n, dtype) for name, _, n, dtype in refined
+        ]
+        inp = refiner_input(ordered.image, *read_scratch(tmp))  # read once the first is written
+        passes = [
+            (ordered.image, ordered.runner, ordered.n_out, first),
+            (inp, plan.runner, plan.n_out, second),
+        ]
+    for image, runner, n_out, rows in passes:  # the second reads what the first wrote
+        writes = build_graph(
+            image, ordered.roi, ordered.plans, runner, n_out, sink=ZarrSink(tmp, rows)
+        )
+        compute(*writes, progress=progress)
+    if refined:
+        drop_scratch(tmp)

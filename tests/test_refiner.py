@@ -227,6 +227,19 @@ def test_recipe_refine_only_trains_calibrates_and_records_the_refiner(tmp_path):
     card = (tmp_path / "tiny-multitask.md").read_text()
     assert "Semantic refiner" in card and "calibrate_refiner" in card
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-multitask.md", "tiny-multitask.pt"]
+    # calibrating the trained refiner again keeps its weights (its offsets are redone)
+    assert recipe.main([*argv, "--refine-only", "--calibrate-only"]) == 0
+    back = models.load(tmp_path / "tiny-multitask.pt")
+    for k, v in m.refiner.state_dict().items():
+        if k != "head.bias":
+            torch.testing.assert_close(back.refiner.state_dict()[k], v)
+    bias = m.refiner.head.bias - torch.tensor(rec["class_bias"])
+    again_bias = back.refiner.head.bias - torch.tensor(
+        back.metadata["semantic_refiner"]["class_bias"]
+    )
+    torch.testing.assert_close(again_bias, bias)  # the same raw refiner underneath
+    assert back.metadata["commands"][-1].endswith("--refine-only --calibrate-only`")
+    assert back.metadata["semantic_refiner"]["train_seconds"] == rec["train_seconds"]
     # a continuation stage changes the heads the refiner was trained on: it is re-trained
     assert recipe.main([*argv, "--stages", "stage4"]) == 0
     again = models.load(tmp_path / "tiny-multitask.pt")

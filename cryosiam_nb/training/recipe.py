@@ -479,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--refine-only",
         action="store_true",
-        help="multitask: only (re)train and calibrate the refiner of tiny-multitask.pt in --out",
+        help="multitask: only (re)train and calibrate the refiner of tiny-multitask.pt in --out "
+        "(with --calibrate-only: only calibrate its trained refiner again)",
     )
     p.add_argument(
         "--stages",
@@ -510,8 +511,9 @@ def main(argv: list[str] | None = None) -> int:
 
         t0 = time.perf_counter()
         if args.refine_only:
+            flags = " --only multitask --refine-only" + " --calibrate-only" * args.calibrate_only
             report["multitask"] = refine_shipped_multitask(
-                cfg, out, command + " --only multitask --refine-only", progress, args.resume
+                cfg, out, command + flags, progress, args.resume, train=not args.calibrate_only
             )
         elif args.stages or args.calibrate_only:
             report["multitask"] = continue_shipped_multitask(

@@ -348,6 +348,20 @@ def calibrate_refiner(
     return bias, sizes, table
 
 
+def uncalibrate_refiner(model: Any) -> None:
+    """Undo :func:`calibrate_refiner`: subtract its offsets from the refiner's last layer
+    and restore the heads' minimum component sizes (before calibrating it again, e.g.
+    after the way inference runs it changed)."""
+    rec = model.metadata.get("semantic_refiner") or {}
+    if getattr(model, "refiner", None) is None or rec.get("class_bias") is None:
+        raise InputError("uncalibrate_refiner: the model has no calibrated refiner")
+    with torch.no_grad():
+        b = model.refiner.head.bias
+        b -= torch.as_tensor(rec.pop("class_bias"), dtype=b.dtype, device=b.device)
+    if rec.get("heads_min_size") is not None:
+        model.metadata["semantic_defaults"] = {"min_size": list(rec["heads_min_size"])}
+
+
 def refine_shipped_multitask(
     cfg: dict[str, Any],
     out: Path,
@@ -355,17 +369,18 @@ def refine_shipped_multitask(
     progress: bool = True,
     resume: bool = False,
     chained: bool = False,
+    train: bool = True,
 ) -> dict[str, float]:
     """Train the semantic refiner of ``out/tiny-multitask.pt`` (replacing any) on
     ``cfg["multitask"]["refiner"]``'s tomograms, calibrate it (:func:`calibrate_refiner`)
     on its ``calibration`` tomograms (default: the multi-task recipe's
-    ``calibration_val``) and rewrite the card.
+    ``calibration_val``) and rewrite the card. ``train=False`` keeps the trained refiner
+    and only calibrates it again (:func:`uncalibrate_refiner` first).
     Without a ``refiner`` entry nothing is done (``{}``). ``resume`` continues an
     interrupted training from its state file beside the checkpoint. ``chained``: run as
     the last step of a command already recorded in the checkpoint's command history."""
     from cryosiam_nb import models
 
-    from .multitask import varied_training_set
     from .multitask_card import _card
     from .multitask_recipe import STRUCTURES, _save_with_metadata, default_imaging_set
 
@@ -377,6 +392,36 @@ def refine_shipped_multitask(
     if not path.exists():
         raise InputError(f"{path}: no checkpoint to refine; train the multi-task model first")
     model = models.load(path)
+    if train:
+        record = _train_recipe_refiner(model, rc, path, progress, resume)
+    else:
+        uncalibrate_refiner(model)
+        record = model.metadata["semantic_refiner"]
+    specs = rc.get("calibration") or (mc.get("calibration_val"),)
+    cal = [t for spec in specs for t in default_imaging_set(spec, progress)]
+    _, sizes, table = calibrate_refiner(model, cal, progress)
+    record["calibration"] = [dict(spec) for spec in specs]
+    print("semantic refiner: per-class offsets and minimum sizes (accepted moves):")
+    print(table.to_string(index=False))
+    metrics = dict(model.metadata.get("metrics", {}))
+    metrics["refined_semantic_dice"] = float(table.iloc[-1]["semantic_dice"])
+    metrics["refined_semantic_dice_before_offsets"] = float(table.iloc[0]["semantic_dice"])
+    model.metadata["metrics"] = metrics
+    if not chained:
+        stamp = time.strftime("%Y-%m-%d", time.gmtime())
+        model.metadata["commands"] = [*model.metadata.get("commands", []), f"{stamp} `{command}`"]
+    _save_with_metadata(model, path)
+    _card(path.with_suffix(".md"), model, mc, command, metrics, STRUCTURES)
+    return {k: v for k, v in metrics.items() if k.startswith("refined_")}
+
+
+def _train_recipe_refiner(
+    model: Any, rc: dict[str, Any], path: Path, progress: bool, resume: bool
+) -> dict[str, Any]:
+    """Simulate the refiner recipe ``rc``'s tomograms and train a new refiner of ``model``
+    on them (optimiser state beside ``path``); returns its record."""
+    from .multitask import varied_training_set
+
     model.remove_refiner()
     tomos: list = []
     for spec in rc["sets"]:
@@ -398,23 +443,7 @@ def refine_shipped_multitask(
         state.unlink()
     settings = {k: rc[k] for k in REFINER_DEFAULTS if k in rc}
     record = train_refiner(model, data, out=state, progress=progress, **settings)
-    del data
     record["sets"] = [dict(s) for s in rc["sets"]]
     record["shape"] = list(rc["shape"])
     record["voxel_range"] = list(rc["voxel_range"])
-    specs = rc.get("calibration") or (mc.get("calibration_val"),)
-    cal = [t for spec in specs for t in default_imaging_set(spec, progress)]
-    _, sizes, table = calibrate_refiner(model, cal, progress)
-    record["calibration"] = [dict(spec) for spec in specs]
-    print("semantic refiner: per-class offsets and minimum sizes (accepted moves):")
-    print(table.to_string(index=False))
-    metrics = dict(model.metadata.get("metrics", {}))
-    metrics["refined_semantic_dice"] = float(table.iloc[-1]["semantic_dice"])
-    metrics["refined_semantic_dice_before_offsets"] = float(table.iloc[0]["semantic_dice"])
-    model.metadata["metrics"] = metrics
-    if not chained:
-        stamp = time.strftime("%Y-%m-%d", time.gmtime())
-        model.metadata["commands"] = [*model.metadata.get("commands", []), f"{stamp} `{command}`"]
-    _save_with_metadata(model, path)
-    _card(path.with_suffix(".md"), model, mc, command, metrics, STRUCTURES)
-    return {k: v for k, v in metrics.items() if k.startswith("refined_")}
+    return record

@@ -220,7 +220,8 @@ def _card(
                 f"{_seeds(md['semantic_refiner'].get('calibration')) or '(`calibration_set`)'} "
                 "(`training.refiner.calibrate_refiner`; mean Dice "
                 f"{md['semantic_refiner'].get('calibrated_semantic_dice', float('nan')):.3f}). "
-                "`tl.predict` runs it in every window, after the heads"
+                "`tl.predict` runs it as a second sliding-window pass over the heads' "
+                "stitched outputs"
             ]
             if md.get("semantic_refiner")
             else []

@@ -76,8 +76,11 @@ def build_graph(
     runner: Runner,
     n_out: int,
     sink: ZarrSink | None = None,
+    extra: Any = None,
 ) -> da.Array | list[Delayed]:
     """The two-stage dask graph: ``(n_out, z, y, x)`` float32, chunked by ``plans``.
+    ``extra``: a picklable ``region → (C, *region)`` reader of further input channels, run
+    inside each windows task (:func:`~cryosiam_nb.inference._windows.stage1`).
 
     Memory stays bounded by the order of the work, which the graph fixes: chunks are
     visited with the axis of most chunks outermost, a chunk's windows start only once the
@@ -111,7 +114,13 @@ def build_graph(
         # whole graph built so far into every call — quadratic in the number of chunks
         gate = Delayed(blocks[order[n - lag]].key, {}) if n >= lag else None
         first = dask.delayed(stage1, pure=True)(
-            runner_d, region_of(sl), msk, gate, dask_key_name=f"cryosiam-windows-{tag}-{name}"
+            runner_d,
+            region_of(sl),
+            msk,
+            gate,
+            extra,
+            sl,
+            dask_key_name=f"cryosiam-windows-{tag}-{name}",
         )
         outgoing = []  # slices of this chunk's windows for itself and its upper neighbours
         for d in itertools.product((0, 1), repeat=3):

@@ -5,10 +5,11 @@ heads' *stitched* whole-tomogram outputs (``training.refiner.refiner_inputs``). 
 therefore runs the heads first (the model without its refiner), then the refiner as a
 second sliding-window pass over the stitched ``(input, denoised, semantic probabilities)``
 volume — same windows, chunks, Gaussian blending, roi and test-time flips, and the same
-out-of-core graph (:func:`~cryosiam_nb.inference.prediction._graph`). The probabilities
+out-of-core graph (:func:`~cryosiam_nb.inference._graph.build_graph`). The probabilities
 are rounded to float16 first, as in training. :func:`write_predictions` writes the first
 pass to zarr (the refiner's inputs to scratch arrays of the temporary store), then streams
-the second pass from there, so neither pass holds a tomogram-sized array.
+the second pass from there (each windows task reads its own region:
+:class:`ScratchReader`), so neither pass holds more than its chunks in flight.
 
 Measured on validation tomograms 7201–7216 with the shipped model (2026-12-07): running
 the refiner inside each heads window instead (before) scored Dice over present classes
@@ -117,9 +118,22 @@ def make_scratch(path: str, shape: tuple[int, ...], chunk: tuple[int, ...], n: i
     g.create_array(SCRATCH[1], shape=(n, *shape), chunks=(n, *chunk), dtype="float16")
 
 
-def read_scratch(path: str) -> tuple[da.Array, da.Array]:
-    """The scratch arrays of ``path`` as dask arrays (denoised, probabilities)."""
-    return tuple(da.from_zarr(path, component=name) for name in SCRATCH)  # type: ignore[return-value]
+class ScratchReader:
+    """Reads a region's refiner inputs from the scratch arrays of the store at ``path``:
+    ``region (z, y, x slices) → (1 + C, *region)`` float32 (denoised, probabilities). The
+    second pass of ``write_predictions`` calls it inside each windows task, so the
+    8-channel input of a chunk exists only while the chunk runs."""
+
+    def __init__(self, path: str) -> None:
+        self.path = str(path)
+
+    def __call__(self, region: tuple[slice, ...]) -> np.ndarray:
+        import zarr
+
+        g = zarr.open_group(self.path, mode="r")
+        den = np.asarray(g[SCRATCH[0]][region], np.float32)
+        prob = np.asarray(g[SCRATCH[1]][(slice(None), *region)], np.float32)
+        return np.concatenate([den[None], prob])
 
 
 def drop_scratch(path: str) -> None:

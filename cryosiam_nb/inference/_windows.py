@@ -25,6 +25,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -340,14 +341,23 @@ class Runner:
 
 # ============================================================================ chunk tasks
 def stage1(
-    runner: Runner, image: np.ndarray, roi: np.ndarray | None, after: object = None
+    runner: Runner,
+    image: np.ndarray,
+    roi: np.ndarray | None,
+    after: object = None,
+    extra: Any = None,
+    region: tuple[slice, ...] | None = None,
 ) -> np.ndarray | None:
     """Window sums over one chunk's region (``after``: an earlier chunk's result, only an
-    ordering dependency of the graph)."""
+    ordering dependency of the graph). ``extra(region)``, when given, reads more input
+    channels ``(C, *region)`` for the region here, in the task itself (so no separate task
+    holds them while the chunk waits for its turn); they follow ``image`` as channels."""
     if image.size == 0:
         return None
     if roi is not None and not roi.any():
         return None  # no sample under any owned window: the model is not run
+    if extra is not None:
+        image = np.concatenate([np.asarray(image, np.float32)[None], extra(region)])
     return runner.run(image, roi)
 
 

@@ -18,10 +18,9 @@ from cryosiam_nb.inference._compute import compute
 from cryosiam_nb.inference._graph import build_graph
 from cryosiam_nb.inference._refine import (
     REFINED,
+    ScratchReader,
     drop_scratch,
     make_scratch,
-    read_scratch,
-    refiner_input,
     scratch_rows,
 )
 from cryosiam_nb.inference._windows import ZarrSink
@@ -132,7 +131,7 @@ def _write_ordered(ordered: _Ordered, ds: xr.Dataset, tmp: str, progress: bool) 
     layout = [row for row in ordered.layout if row[0] in ds.data_vars]
     plan = ordered.refine
     refined = [] if plan is None else [row for row in layout if row[0] in REFINED]
-    passes = [(ordered.image, ordered.runner, ordered.n_out, layout)]
+    passes = [(ordered.runner, ordered.n_out, layout, None)]
     if refined:
         first = [r for r in layout if r[0] not in REFINED] + scratch_rows(plan)
         shape = tuple(int(p.cores[-1][1]) for p in ordered.plans)
@@ -141,14 +140,19 @@ def _write_ordered(ordered: _Ordered, ds: xr.Dataset, tmp: str, progress: bool) 
         second = [
             (name, 0 if name == REFINED[0] else plan.n, n, dtype) for name, _, n, dtype in refined
         ]
-        inp = refiner_input(ordered.image, *read_scratch(tmp))  # read once the first is written
         passes = [
-            (ordered.image, ordered.runner, ordered.n_out, first),
-            (inp, plan.runner, plan.n_out, second),
+            (ordered.runner, ordered.n_out, first, None),
+            (plan.runner, plan.n_out, second, ScratchReader(tmp)),
         ]
-    for image, runner, n_out, rows in passes:  # the second reads what the first wrote
+    for runner, n_out, rows, extra in passes:  # the second reads what the first wrote
         writes = build_graph(
-            image, ordered.roi, ordered.plans, runner, n_out, sink=ZarrSink(tmp, rows)
+            ordered.image,
+            ordered.roi,
+            ordered.plans,
+            runner,
+            n_out,
+            sink=ZarrSink(tmp, rows),
+            extra=extra,
         )
         compute(*writes, progress=progress)
     if refined:

@@ -396,15 +396,12 @@ def _activate(task: str, raw: np.ndarray, heads: Heads, out: np.ndarray) -> None
             c0, o0 = c1, o1
         return
     t, o = torch.from_numpy(raw), torch.from_numpy(out)
-    if task == "refine":
+    if task in ("semantic", "lamella", "refine"):
         n = heads[0][1]
         o[:n] = torch.softmax(t[:n], dim=0)
         o[n] = _argmax0(t[:n])
-    elif task in ("semantic", "lamella"):
-        n = heads[0][1]
-        o[:n] = torch.softmax(t[:n], dim=0)
-        o[n] = _argmax0(t[:n])
-        torch.tanh(t[n:], out=o[n + 1 :])
+        if task != "refine":  # the refiner's second pass has no distance maps
+            torch.tanh(t[n:], out=o[n + 1 :])
     elif task == "instance":
         torch.sigmoid(t[:2], out=o[:2])
         o[2:] = t[2:]

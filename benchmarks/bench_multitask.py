@@ -250,12 +250,11 @@ def main(argv: list[str] | None = None) -> None:
         return models.load(src)
 
     # name → (models, tl.predict keyword arguments of the multi-task model)
-    sets: dict[str, tuple[dict, dict]] = {
-        "tiny-multitask (one pass)": ({"multitask": load("multitask")}, {})
-    }
+    multitask_name = "tiny-multitask (one backbone)"  # one backbone pass (+ the refiner's pass)
+    sets: dict[str, tuple[dict, dict]] = {multitask_name: ({"multitask": load("multitask")}, {})}
     if args.tta:
         sets[f"tiny-multitask, TTA {args.tta} flips"] = (
-            {"multitask": sets["tiny-multitask (one pass)"][0]["multitask"]},
+            {"multitask": sets[multitask_name][0]["multitask"]},
             {"tta": args.tta},
         )
     if args.with_shipped and args.weights is not None:
@@ -325,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     base_shape = (64, 128, 128) if args.quick else (96, 192, 192)
     seed = TEST_SEEDS[0]
-    mt = sets["tiny-multitask (one pass)"][0]
+    mt = sets[multitask_name][0]
 
     def variant(shape, **kw):
         return sim.simulate(

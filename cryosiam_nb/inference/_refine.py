@@ -84,19 +84,8 @@ def refine_plan(refiner: nn.Module, first: Runner, layout: list[tuple]) -> Refin
     """The second pass's runner (the first pass's windows, batch, device, precision and
     flips) and its input channels, found in the first pass's output ``layout``."""
     rows = {name: (c0, n) for name, c0, n, _ in layout}
-    runner = Runner(
-        RefinerPass(refiner),
-        "refine",
-        (("semantic/logits", int(refiner.n_classes)),),
-        first.patch,
-        first.overlap,
-        first.batch_size,
-        first.sigma_scale,
-        first.device,
-        first.amp,
-        first.precision,
-        first.tta,
-    )
+    heads = (("semantic/logits", int(refiner.n_classes)),)
+    runner = first.like(RefinerPass(refiner), "refine", heads)
     c_prob, n = rows["semantic_probabilities"]
     return RefinePlan(runner, rows["denoised"][0], c_prob, int(n))
 

@@ -199,6 +199,23 @@ class Runner:
     def __dask_tokenize__(self) -> str:
         return self.key
 
+    def like(self, model: torch.nn.Module, task: str, heads: tuple[tuple[str, int], ...]) -> Runner:
+        """A runner of another ``model`` with this one's windows, batch, device, precision
+        and flips (its own cache key)."""
+        return Runner(
+            model,
+            task,
+            heads,
+            self.patch,
+            self.overlap,
+            self.batch_size,
+            self.sigma_scale,
+            self.device,
+            self.amp,
+            self.precision,
+            self.tta,
+        )
+
     def module(self, dev: torch.device) -> torch.nn.Module:
         k = (self.key, str(dev))
         with _CACHE_LOCK:

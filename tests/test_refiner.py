@@ -200,6 +200,8 @@ def test_the_refiner_learns_what_the_heads_missed():
         train_refiner(m, data, progress=False, stepz=3)
     with pytest.raises(InputError, match="smaller than the 48-voxel patch"):
         train_refiner(m, data, progress=False)
+    with pytest.raises(InputError, match=r"dice_classes.*'DNA'.*'dna'"):
+        train_refiner(m, data, progress=False, patch_size=16, dice_classes=("actin", "DNA"))
 
 
 def test_recipe_refine_only_trains_calibrates_and_records_the_refiner(tmp_path):

@@ -172,6 +172,19 @@ def refiner_inputs(
     return out
 
 
+def _class_indices(setting: str, wanted: Sequence[str], names: Sequence[str]) -> list[int]:
+    """Indices of the semantic classes ``wanted`` (a refiner setting) among the model's
+    ``names``; a name the model does not have is an error (a misspelt class would
+    otherwise drop out of the loss silently)."""
+    unknown = [c for c in wanted if c not in names]
+    if unknown:
+        raise InputError(
+            f"refiner setting {setting!r}: no semantic class {unknown} in this model; "
+            f"its classes are {list(names)}"
+        )
+    return [list(names).index(c) for c in wanted]
+
+
 def _class_weights(labels: Sequence[np.ndarray], n: int, cap: float) -> np.ndarray:
     counts = np.zeros(n)
     for y in labels:
@@ -241,8 +254,8 @@ def train_refiner(
     dev = next(model.parameters()).device
     refiner.to(dev)
     w = _class_weights([y for _, y in data], n, float(st["max_class_weight"]))
-    focus = [names.index(c) for c in st["focus"] if c in names]
-    dice = [names.index(c) for c in st["dice_classes"] if c in names]
+    focus = _class_indices("focus", st["focus"], names)
+    dice = _class_indices("dice_classes", st["dice_classes"], names)
     centres = [np.argwhere(np.isin(y[::2, ::2, ::2], focus)) * 2 for _, y in data]
     steps = int(st["steps"])
     opt = torch.optim.AdamW(refiner.parameters(), lr=float(st["lr"]), weight_decay=1e-4)

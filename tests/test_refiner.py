@@ -196,12 +196,14 @@ def test_the_refiner_learns_what_the_heads_missed():
     y = data[0][1]
     dice = 2 * np.sum((pred == 4) & (y == 4)) / ((pred == 4).sum() + (y == 4).sum())
     assert dice > 0.5
+    trained = m.refiner
     with pytest.raises(InputError, match="unknown"):
         train_refiner(m, data, progress=False, stepz=3)
     with pytest.raises(InputError, match="smaller than the 48-voxel patch"):
         train_refiner(m, data, progress=False)
     with pytest.raises(InputError, match=r"dice_classes.*'DNA'.*'dna'"):
         train_refiner(m, data, progress=False, patch_size=16, dice_classes=("actin", "DNA"))
+    assert m.refiner is trained  # rejected before the model was touched
 
 
 def test_recipe_refine_only_trains_calibrates_and_records_the_refiner(tmp_path):

@@ -250,12 +250,12 @@ def train_refiner(
     small = [i for i, (_, y) in enumerate(data) if min(y.shape) < p]
     if small:
         raise InputError(f"refiner: tomograms {small} are smaller than the {p}-voxel patch")
+    focus = _class_indices("focus", st["focus"], names)
+    dice = _class_indices("dice_classes", st["dice_classes"], names)
     refiner = model.add_refiner()
     dev = next(model.parameters()).device
     refiner.to(dev)
     w = _class_weights([y for _, y in data], n, float(st["max_class_weight"]))
-    focus = _class_indices("focus", st["focus"], names)
-    dice = _class_indices("dice_classes", st["dice_classes"], names)
     centres = [np.argwhere(np.isin(y[::2, ::2, ::2], focus)) * 2 for _, y in data]
     steps = int(st["steps"])
     opt = torch.optim.AdamW(refiner.parameters(), lr=float(st["lr"]), weight_decay=1e-4)
